@@ -1,0 +1,45 @@
+# lepton-spark: everything a fresh machine needs, from the project's own files.
+#   make demo   set up .venv and run the demo pipeline (1M rows, 2 Horovod ranks, MLflow)
+#   make test   set up .venv and run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lepton-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint format lock clean
+
+$(STAMP): pyproject.toml constraints.txt scripts/install_horovod.sh
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	PYTHON=$(BIN)/python bash scripts/install_horovod.sh
+	@touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/lepton-spark run pipelines/tabular_demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+lock: setup
+	@{ sed -n '1,4p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+	  | grep -v -e '^horovod==' -e '^torch==' | sed 's/+cpu//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf .lepton mlruns-data .pytest_cache .ruff_cache

@@ -1,0 +1,232 @@
+"""Pipeline configuration: one YAML file, read once into a frozen, validated object.
+
+Every step takes the part of the config it needs (``cfg.train``, ``cfg.shards`` ...), never raw
+dicts. Errors name the file and the field (``train.epochs: Input should be greater than 0``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """The pipeline file cannot be used as it is; the message names the file and the field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SparkConfig(_Frozen):
+    master: str = "local[*]"
+    app_name: str | None = None
+    log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = "WARN"
+    conf: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _conf_values_as_strings(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and isinstance(data.get("conf"), Mapping):
+            conf = {
+                k: (str(v).lower() if isinstance(v, bool) else str(v))
+                for k, v in data["conf"].items()
+            }
+            data = {**data, "conf": conf}
+        return data
+
+
+class GeneratedSource(_Frozen):
+    """A synthetic classification table made on Spark (see ``lepton_spark.datagen``)."""
+
+    kind: Literal["tabular_classification"] = "tabular_classification"
+    rows: int = Field(1_000_000, gt=0)
+    seed: int = 7
+    label_noise: float = Field(0.08, ge=0.0, lt=0.5)
+    partitions: int | None = Field(None, gt=0)
+
+
+class SourceConfig(_Frozen):
+    """One input, registered as a temporary view under its key in ``sources``.
+
+    Exactly one of ``generate``, ``path`` (with ``format``) or ``table``.
+    """
+
+    format: str = "parquet"
+    path: str | None = None
+    table: str | None = None
+    options: dict[str, str] = Field(default_factory=dict)
+    generate: GeneratedSource | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> SourceConfig:
+        given = [k for k in ("path", "table", "generate") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of 'path', 'table' or 'generate' (got {given or 'none'})"
+            )
+        return self
+
+
+class FeatureSpecConfig(_Frozen):
+    numeric: list[str] = Field(default_factory=list)
+    categorical: list[str] = Field(default_factory=list)
+    label: str
+    num_classes: int | None = Field(None, ge=2)
+    max_categories: int = Field(10_000, gt=0)
+
+    @model_validator(mode="after")
+    def _columns_distinct(self) -> FeatureSpecConfig:
+        if not self.numeric and not self.categorical:
+            raise ValueError("name at least one numeric or categorical column")
+        columns = [*self.numeric, *self.categorical, self.label]
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise ValueError(f"columns used twice: {repeated}")
+        return self
+
+
+class SplitConfig(_Frozen):
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    seed: int = 42
+
+
+class ShardConfig(_Frozen):
+    root: str = ".lepton/shards"
+    rows_per_shard: int = Field(250_000, gt=0)
+
+
+class TrainConfig(_Frozen):
+    num_workers: int = Field(2, gt=0)
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(512, gt=0, description="rows per rank per step")
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, description="learning rate for one rank")
+    lr_scaling: Literal["linear", "none"] = "linear"
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    seed: int = 0
+    shuffle: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads_per_rank: int | None = Field(None, gt=0)
+    progress_every_steps: int = Field(50, gt=0)
+
+
+class ModelConfig(_Frozen):
+    name: Literal["mlp"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [128, 64])
+    embedding_dim: int = Field(8, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrackingConfig(_Frozen):
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    run_name: str | None = None
+    local_store: str = "mlruns-data"
+
+
+class PipelineConfig(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    sources: dict[str, SourceConfig]
+    transform: str | None = Field(None, description="Spark SQL over the source views")
+    features: FeatureSpecConfig
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    shards: ShardConfig = Field(default_factory=ShardConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _sources_and_transform(self) -> PipelineConfig:
+        if not self.sources:
+            raise ValueError("'sources' needs at least one source")
+        if self.transform is None and len(self.sources) > 1:
+            raise ValueError("several sources need a 'transform' (Spark SQL) that combines them")
+        for view in self.sources:
+            if not view.isidentifier():
+                raise ValueError(f"source name {view!r} must be a valid SQL view name")
+        return self
+
+    def flat(self) -> dict[str, str]:
+        """The config as ``section.key -> value`` strings (for MLflow params)."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+    def fingerprint(self, *sections: str) -> str:
+        """A stable hash of the named sections (all of them when none are named)."""
+        dump = self.model_dump(mode="json", include=set(sections) if sections else None)
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> PipelineConfig:
+        """A new config with dotted keys replaced (``{"train.epochs": 5}``), validated again."""
+        data = self.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            _set_dotted(data, dotted, value)
+        return _validate(data, source="overrides")
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, str]]:
+    if isinstance(value, dict) and value:
+        for key, sub in value.items():
+            yield from _flatten(sub, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), json.dumps(value) if not isinstance(value, str) else value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=0.01"`` -> ``("train.lr", 0.01)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _validate(data: Any, source: str) -> PipelineConfig:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {where}: {e['msg']}")
+        raise ConfigError(f"{source}: invalid pipeline config\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """Read and validate a pipeline YAML file, applying dotted-key overrides."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: pipeline file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(data, dict) and overrides:
+        for dotted, value in overrides.items():
+            _set_dotted(data, dotted, value)
+    return _validate(data, source=str(path))

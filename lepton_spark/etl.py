@@ -1,0 +1,234 @@
+"""Spark side of the pipeline: session, sources, SQL transform, features and label, split.
+
+The result is a :class:`PreparedData`: the train and validation DataFrames with numeric columns as
+float, categorical columns as vocabulary indices and the label as an integer class, and the
+:class:`~lepton_spark.spec.FeatureSpec` that describes them. Nothing is collected to the driver but
+small statistics (row counts, vocabularies).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from pyspark.sql.utils import AnalysisException
+
+from lepton_spark import datagen
+from lepton_spark.config import (
+    FeatureSpecConfig,
+    PipelineConfig,
+    SourceConfig,
+    SparkConfig,
+    SplitConfig,
+)
+from lepton_spark.spec import UNKNOWN_INDEX, CategoricalFeature, FeatureSpec
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The input data cannot be trained on; the message names the source or column."""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train: DataFrame
+    validation: DataFrame
+    feature_spec: FeatureSpec
+    rows: int
+
+
+# Loopback-only defaults for local masters: no traffic leaves the machine, and the addresses ranks
+# use to reach each other and the driver are the ones Spark reports.
+_LOCAL_DEFAULTS = {
+    "spark.driver.host": "127.0.0.1",
+    "spark.driver.bindAddress": "127.0.0.1",
+    "spark.ui.enabled": "false",
+}
+_DEFAULTS = {
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.shuffle.partitions": "8",
+    # A barrier stage that cannot get all its slots fails fast instead of retrying for minutes
+    # (we check slots before submitting, this is the backstop).
+    "spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures": "2",
+    "spark.scheduler.barrier.maxConcurrentTasksCheck.interval": "2s",
+}
+
+
+def spark_session(cfg: SparkConfig, app_name: str = "lepton-spark") -> SparkSession:
+    """Get or create the SparkSession for this config.
+
+    An active session (a notebook's, spark-submit's) is reused as it is; otherwise one is built
+    from ``cfg`` with executors running this interpreter.
+    """
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = SparkSession.builder.master(cfg.master).appName(cfg.app_name or app_name)
+    conf = dict(_DEFAULTS)
+    if cfg.master.startswith("local"):
+        conf.update(_LOCAL_DEFAULTS)
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    conf.update(cfg.conf)
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(cfg.log_level)
+    return spark
+
+
+def read_source(spark: SparkSession, name: str, source: SourceConfig) -> DataFrame:
+    if source.generate is not None:
+        return datagen.generate(spark, source.generate)
+    if source.table is not None:
+        try:
+            return spark.table(source.table)
+        except AnalysisException as err:
+            raise DataError(f"source {name!r}: table {source.table!r} not found: {err}") from None
+    assert source.path is not None
+    if "://" not in source.path and not Path(source.path).exists():
+        raise DataError(f"source {name!r}: path {source.path} does not exist")
+    try:
+        return spark.read.format(source.format).options(**source.options).load(source.path)
+    except AnalysisException as err:
+        raise DataError(
+            f"source {name!r}: cannot read {source.path} as {source.format}: {err}"
+        ) from None
+
+
+def load_and_transform(spark: SparkSession, cfg: PipelineConfig) -> DataFrame:
+    """Register each source as a view under its name and apply the SQL transform."""
+    frames = {name: read_source(spark, name, src) for name, src in cfg.sources.items()}
+    if cfg.transform is None:
+        return next(iter(frames.values()))
+    for name, frame in frames.items():
+        frame.createOrReplaceTempView(name)
+    try:
+        return spark.sql(cfg.transform)
+    except AnalysisException as err:
+        raise DataError(f"transform: Spark SQL failed: {err}") from None
+
+
+_NUMERIC_TYPES = (T.NumericType, T.BooleanType)
+
+
+def _check_columns(df: DataFrame, spec: FeatureSpecConfig) -> None:
+    types = {f.name: f.dataType for f in df.schema.fields}
+    missing = [c for c in [*spec.numeric, *spec.categorical, spec.label] if c not in types]
+    if missing:
+        raise DataError(
+            f"columns {missing} are in the feature spec but not in the data "
+            f"(columns: {sorted(types)})"
+        )
+    for c in spec.numeric:
+        if not isinstance(types[c], _NUMERIC_TYPES):
+            raise DataError(f"numeric feature {c!r} has Spark type {types[c].simpleString()}")
+    if not isinstance(types[spec.label], (T.IntegralType, T.BooleanType)):
+        raise DataError(
+            f"label {spec.label!r} has Spark type {types[spec.label].simpleString()}; "
+            "a classification label must be an integer class index"
+        )
+
+
+def _statistics(df: DataFrame, spec: FeatureSpecConfig) -> dict[str, int | None]:
+    """Row count, label range and bad values per column, in one pass."""
+    aggs = [
+        F.count(F.lit(1)).alias("rows"),
+        F.min(spec.label).cast("long").alias("label_min"),
+        F.max(spec.label).cast("long").alias("label_max"),
+        F.sum(F.col(spec.label).isNull().cast("long")).alias(f"bad:{spec.label}"),
+    ]
+    for c in spec.numeric:
+        value = F.col(c).cast("double")
+        bad = value.isNull() | F.isnan(value) | (F.abs(value) == float("inf"))
+        aggs.append(F.sum(bad.cast("long")).alias(f"bad:{c}"))
+    row = df.agg(*aggs).first()
+    assert row is not None
+    return row.asDict()
+
+
+def _vocabulary(df: DataFrame, column: str, limit: int) -> list[str]:
+    """Most frequent values first (ties by value), at most ``limit``; nulls excluded."""
+    rows = (
+        df.where(F.col(column).isNotNull())
+        .groupBy(F.col(column).cast("string").alias("v"))
+        .count()
+        .orderBy(F.desc("count"), F.asc("v"))
+        .limit(limit)
+        .collect()
+    )
+    return [r["v"] for r in rows]
+
+
+def _index_column(df: DataFrame, column: str, vocabulary: list[str]) -> DataFrame:
+    """Replace ``column`` by its vocabulary index (1-based; unknown and null are 0)."""
+    spark = df.sparkSession
+    lookup = spark.createDataFrame(
+        [(v, i + 1) for i, v in enumerate(vocabulary)],
+        T.StructType([T.StructField("_v", T.StringType()), T.StructField("_i", T.IntegerType())]),
+    )
+    joined = df.join(F.broadcast(lookup), F.col(column).cast("string") == F.col("_v"), "left")
+    return joined.withColumn(column, F.coalesce(F.col("_i"), F.lit(UNKNOWN_INDEX))).drop("_v", "_i")
+
+
+def build_features(df: DataFrame, spec: FeatureSpecConfig) -> tuple[DataFrame, FeatureSpec, int]:
+    """Validate the columns, index categoricals, and select ``numeric…, categorical…, label``."""
+    _check_columns(df, spec)
+    stats = _statistics(df, spec)
+    rows = int(stats["rows"] or 0)
+    if rows == 0:
+        raise DataError("the dataset is empty after the transform")
+    bad = {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("bad:") and v}
+    if bad:
+        listed = ", ".join(f"{c!r}: {n} rows" for c, n in bad.items())
+        raise DataError(f"null, NaN or infinite values in {listed}")
+    label_min, label_max = int(stats["label_min"] or 0), int(stats["label_max"] or 0)
+    num_classes = spec.num_classes or max(label_max + 1, 2)
+    if label_min < 0 or label_max >= num_classes:
+        raise DataError(
+            f"label {spec.label!r} has values in [{label_min}, {label_max}], "
+            f"outside [0, {num_classes}) for num_classes={num_classes}"
+        )
+    categorical = []
+    for c in spec.categorical:
+        vocabulary = _vocabulary(df, c, spec.max_categories)
+        categorical.append(CategoricalFeature(name=c, vocabulary=vocabulary))
+        df = _index_column(df, c, vocabulary)
+    out = df.select(
+        *[F.col(c).cast("float").alias(c) for c in spec.numeric],
+        *[F.col(c).cast("long").alias(c) for c in spec.categorical],
+        F.col(spec.label).cast("long").alias(spec.label),
+    )
+    feature_spec = FeatureSpec(
+        numeric=list(spec.numeric),
+        categorical=categorical,
+        label=spec.label,
+        num_classes=num_classes,
+    )
+    return out, feature_spec, rows
+
+
+def split(df: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, DataFrame]:
+    """Seeded train/validation split."""
+    train, validation = df.randomSplit(
+        [1.0 - cfg.validation_fraction, cfg.validation_fraction], seed=cfg.seed
+    )
+    return train, validation
+
+
+def prepare(spark: SparkSession, cfg: PipelineConfig) -> PreparedData:
+    """Sources → transform → features and label → train/validation split."""
+    df = load_and_transform(spark, cfg)
+    features, spec, rows = build_features(df, cfg.features)
+    train, validation = split(features, cfg.split)
+    log.info("prepared %d rows: %s", rows, spec.input_columns)
+    return PreparedData(train=train, validation=validation, feature_spec=spec, rows=rows)

@@ -1,0 +1,83 @@
+"""The driver's view of training while it runs: rank 0's progress on the console.
+
+On a terminal, a live progress bar per epoch; elsewhere (a scheduler's log, a notebook cell, CI),
+a plain line every quarter epoch and at each epoch's end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+class ConsoleProgress:
+    """Turns rank events into console output. Call :meth:`close` at the end."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.live = self.console.is_terminal
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._epochs = 0
+        self._last_quarter = -1
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "start":
+            self._epochs = int(event["epochs"])
+            self.console.print(
+                f"training: {event['size']} ranks on {event['device']}, "
+                f"{self._epochs} epochs × {event['steps_per_epoch']} steps per rank"
+            )
+            if self.live:
+                self._progress = Progress(
+                    TextColumn("[bold]epoch {task.fields[epoch]}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"),
+                    TimeElapsedColumn(),
+                    console=self.console,
+                    transient=True,
+                )
+                self._progress.start()
+        elif kind == "progress":
+            self._on_progress(event)
+        elif kind == "epoch":
+            self._last_quarter = -1
+            if self._progress is not None and self._task is not None:
+                self._progress.remove_task(self._task)
+                self._task = None
+            self.console.print(
+                f"epoch {event['epoch']}/{self._epochs}  {format_metrics(event['metrics'])}"
+            )
+        elif kind == "rank_failed":
+            self.console.print(f"[red]{event['error'].splitlines()[0]}")
+
+    def _on_progress(self, event: dict[str, Any]) -> None:
+        label = f"{event['epoch']}/{self._epochs}"
+        if self._progress is not None:
+            if self._task is None:
+                self._task = self._progress.add_task(
+                    "train", total=event["steps"], epoch=label, loss=event["loss"]
+                )
+            self._progress.update(
+                self._task, completed=event["step"], epoch=label, loss=event["loss"]
+            )
+            return
+        quarter = 4 * event["step"] // event["steps"]
+        if quarter != self._last_quarter and quarter < 4:
+            self._last_quarter = quarter
+            self.console.print(
+                f"epoch {label}  step {event['step']}/{event['steps']}  loss {event['loss']:.4f}"
+            )
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

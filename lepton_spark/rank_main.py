@@ -1,0 +1,60 @@
+"""Entry point of one rank's child process (started by :mod:`lepton_spark.barrier`).
+
+``python -m lepton_spark.rank_main WORKDIR`` reads ``WORKDIR/in.pkl`` (the pickled function, then
+the pickled :class:`~lepton_spark.barrier.RankContext`), runs the function, and writes
+``out.pkl`` (``(rank, result)``) or ``error.txt`` and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import cloudpickle
+
+from lepton_spark.events import ENV_VAR, EventClient
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """Portable backstop for PR_SET_PDEATHSIG: leave when the Spark task's process is gone."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(137)
+
+
+def main(workdir: str) -> int:
+    work = Path(workdir)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    with open(work / "in.pkl", "rb") as f:
+        fn = cloudpickle.load(f)
+        ctx = cloudpickle.load(f)
+    client = EventClient(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
+    if client is not None:
+        ctx = dataclasses.replace(ctx, report=client.send)
+    try:
+        result = fn(ctx)
+    except BaseException as err:
+        text = f"{type(err).__name__}: {err}"
+        (work / "error.txt").write_text(text + "\n\n" + traceback.format_exc())
+        print(traceback.format_exc(), file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    buffer = io.BytesIO()
+    cloudpickle.dump((ctx.rank, result), buffer)
+    tmp = work / "out.pkl.tmp"
+    tmp.write_bytes(buffer.getvalue())
+    tmp.rename(work / "out.pkl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

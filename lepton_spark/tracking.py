@@ -1,0 +1,132 @@
+"""MLflow at the driver: where runs go, and one run's lifecycle.
+
+The embedded default is a sqlite store with an artifact folder under ``tracking.local_store``
+(``./mlruns-data``); ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` / ``tracking.tracking_uri`` point
+at a server instead. The run is marked FINISHED, FAILED (with the error as a tag) or KILLED.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+from lepton_spark.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+_PARAM_VALUE_LIMIT = 6000
+_BATCH = 100
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    tracking_uri: str
+    artifact_root: str | None  # set for the embedded local store
+
+    @property
+    def ui_command(self) -> str:
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return f"open {self.tracking_uri}"
+        cmd = f"mlflow ui --backend-store-uri {self.tracking_uri}"
+        return cmd + (
+            f" --default-artifact-root {self.artifact_root}" if self.artifact_root else ""
+        )
+
+
+def resolve_tracking(cfg: TrackingConfig, override: str | None = None) -> TrackingTarget:
+    uri = override or os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    if uri:
+        return TrackingTarget(tracking_uri=uri, artifact_root=None)
+    store = Path(cfg.local_store).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return TrackingTarget(
+        tracking_uri=f"sqlite:///{store / 'mlflow.db'}",
+        artifact_root=(store / "artifacts").as_uri(),
+    )
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = f"{artifact_root}/{name}" if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+class TrackedRun:
+    """One MLflow run, owned by the driver. Use as a context manager."""
+
+    def __init__(
+        self,
+        target: TrackingTarget,
+        experiment: str,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        self.target = target
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tags = tags or {}
+        self.client = MlflowClient(target.tracking_uri)
+        self.run_id = ""
+
+    def __enter__(self) -> TrackedRun:
+        mlflow.set_tracking_uri(self.target.tracking_uri)
+        exp = experiment_id(self.client, self.experiment, self.target.artifact_root)
+        run = mlflow.start_run(experiment_id=exp, run_name=self.run_name, tags=self.tags)
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None:
+            status = RunStatus.to_string(RunStatus.FINISHED)
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = RunStatus.to_string(RunStatus.KILLED)
+        else:
+            status = RunStatus.to_string(RunStatus.FAILED)
+            try:
+                self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
+            except Exception:  # the run must still be closed
+                log.exception("could not record the error on run %s", self.run_id)
+        mlflow.end_run(status=status)
+
+    @property
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
+    def log_params(self, params: dict[str, str]) -> None:
+        items = [Param(k, str(v)[:_PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_json(self, data: Any, artifact_file: str) -> None:
+        self.log_text(json.dumps(data, indent=2, sort_keys=True), artifact_file)
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_pytorch_model(self, model: Any, **kwargs: Any) -> str:
+        """Log with ``mlflow.pytorch`` (pickled module) into this run; returns the model URI."""
+        kwargs.setdefault("serialization_format", "pickle")
+        info = mlflow.pytorch.log_model(model, name="model", **kwargs)
+        return info.model_uri

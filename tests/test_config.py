@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from lepton_spark.config import ConfigError, PipelineConfig, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "pipelines" / "tabular_demo.yaml"
+
+
+def test_demo_pipeline_loads_with_its_documented_defaults():
+    cfg = load_config(DEMO)
+    assert cfg.name == "tabular-demo"
+    assert cfg.sources["events"].generate.rows == 1_000_000
+    assert cfg.train.num_workers == 2
+    assert cfg.features.categorical == ["cat_a", "cat_b"]
+    assert cfg.spark.conf["spark.sql.shuffle.partitions"] == "8"
+
+
+def test_overrides_are_applied_and_validated():
+    cfg = load_config(
+        DEMO, dict([parse_override("train.epochs=7"), parse_override("train.lr=0.5")])
+    )
+    assert (cfg.train.epochs, cfg.train.lr) == (7, 0.5)
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        cfg.with_overrides({"train.epochs": 0})
+
+
+def test_unknown_key_is_named_with_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEMO.read_text().replace("epochs: 4", "epochs: 4\n  epoch: 5"))
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(bad) in str(err.value)
+    assert "train.epoch" in str(err.value)
+
+
+def test_invalid_yaml_and_missing_file_are_reported(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_source_needs_exactly_one_kind():
+    data = load_config(DEMO).model_dump(mode="json")
+    data["sources"]["events"]["path"] = "/data/x.parquet"
+    with pytest.raises(ValidationError, match="exactly one"):
+        PipelineConfig.model_validate(data)
+
+
+def test_flat_params_and_fingerprint_are_stable():
+    cfg = load_config(DEMO)
+    flat = cfg.flat()
+    assert flat["train.epochs"] == "4"
+    assert flat["model.hidden"] == "[128, 64]"
+    assert cfg.fingerprint("sources") == load_config(DEMO).fingerprint("sources")
+    assert cfg.fingerprint("train") != cfg.with_overrides({"train.lr": 0.1}).fingerprint("train")
