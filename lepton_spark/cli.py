@@ -96,16 +96,20 @@ def run(
         _fail(str(err), EXIT_TRAINING)
 
     table = Table(title=f"{cfg.name}: done", show_header=False, title_justify="left")
-    table.add_row("MLflow run", f"{result.run_id} (experiment {result.experiment})")
-    table.add_row("model", result.model_uri)
     for key, value in result.metrics.items():
         table.add_row(key, f"{value:.4f}")
     table.add_row("rows", ", ".join(f"{k} {v:,}" for k, v in result.rows.items()))
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
-    table.add_row("shards", str(result.shard_folder))
-    table.add_row("tracking", result.tracking_uri)
-    table.add_row("open the UI", result.ui_command)
     Console().print(table)
+    # Paths and commands on lines of their own, never wrapped, so they can be copied.
+    for label, value in (
+        ("MLflow run", f"{result.run_id} (experiment {result.experiment})"),
+        ("model", result.model_uri),
+        ("shards", str(result.shard_folder)),
+        ("tracking", result.tracking_uri),
+        ("open the UI", result.ui_command),
+    ):
+        typer.echo(f"{label + ':':<13}{value}")
 
 
 def _fail(message: str, code: int) -> typer.Exit:

@@ -1,0 +1,205 @@
+"""The main job end to end: real Spark, real Horovod ranks, real MLflow (local store and server)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from lepton_spark import run_pipeline
+from lepton_spark.loader import record_batches
+from lepton_spark.manifest import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def validation_frame(folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """The validation split as the model's input frame, read from the shards."""
+    manifest = read_manifest(folder)
+    spec = manifest.feature_spec
+    frames, labels = [], []
+    for shard in manifest.split("validation").shards:
+        for b in record_batches(folder / shard.path, len(spec.numeric), len(spec.categorical)):
+            frame = pd.DataFrame(b.numeric.numpy(), columns=spec.numeric)
+            for i, name in enumerate(spec.categorical_names):
+                frame[name] = b.categorical[:, i].numpy()
+            frames.append(frame)
+            labels.append(b.label.numpy())
+    return pd.concat(frames, ignore_index=True), np.concatenate(labels)
+
+
+def check_tracked_run(client: MlflowClient, result, epochs: int) -> None:
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == str(epochs)
+    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.params["sources.events.generate.rows"] == "30000"
+    history = client.get_metric_history(result.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1))
+    assert {"train_loss", "val_loss", "time_training_s"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "manifest.json", "history.json"} <= artifacts
+    logged = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/manifest.json")
+    assert logged["splits"]["train"]["rows"] == result.rows["train"]
+
+
+def check_model_predicts(result) -> None:
+    """The logged model loads with pyfunc and reproduces the validation accuracy of training."""
+    frame, labels = validation_frame(result.shard_folder)
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    probabilities = np.asarray(model.predict(frame))
+    assert probabilities.shape == (len(frame), 2)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    accuracy = float((probabilities.argmax(axis=1) == labels).mean())
+    assert accuracy == pytest.approx(result.metrics["val_accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_demo_pipeline_trains_and_tracks_on_the_local_store(spark, demo_config):
+    events = []
+    result = run_pipeline(demo_config, spark=spark, progress=events.append)
+
+    # Known Bayes accuracy 0.92 and a near-balanced label: chance is about 0.5.
+    assert result.metrics["val_accuracy"] > 0.80, result.history
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert sum(result.rows.values()) == 30_000
+    assert set(result.timings) >= {"etl", "shards", "training"}
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2]
+    assert any(e["event"] == "progress" for e in events)
+
+    assert result.tracking_uri.startswith("sqlite:///")
+    assert Path(result.tracking_uri.removeprefix("sqlite:///")).is_file()
+    check_tracked_run(MlflowClient(result.tracking_uri), result, epochs=2)
+    check_model_predicts(result)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                break
+        except OSError:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.mark.slow
+def test_the_same_pipeline_tracks_to_an_mlflow_server_on_loopback(
+    spark, demo_config, tmp_path, mlflow_server
+):
+    result = run_pipeline(demo_config, spark=spark, tracking_uri=mlflow_server, progress=print)
+    assert result.tracking_uri == mlflow_server
+    assert not (tmp_path / "mlruns-data").exists()  # nothing went to the local store
+    check_tracked_run(MlflowClient(mlflow_server), result, epochs=2)
+    check_model_predicts(result)
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        [str(BIN / "lepton-spark"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_cli_runs_the_demo_and_prints_where_the_results_are(tmp_path):
+    proc = run_cli(
+        "run",
+        str(ROOT / "pipelines" / "tabular_demo.yaml"),
+        "--master",
+        "local[2]",
+        "--set",
+        "sources.events.generate.rows=20000",
+        "--set",
+        "train.epochs=1",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val_accuracy" in proc.stdout
+    assert (
+        f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlruns-data/mlflow.db" in proc.stdout
+    )
+    assert (tmp_path / "mlruns-data" / "mlflow.db").is_file()
+    assert list((tmp_path / ".lepton" / "shards").glob("tabular-demo-*/manifest.json"))
+    assert "epoch 1/1" in proc.stderr
+
+
+def test_cli_bad_config_fails_with_the_field_named_and_exit_code_2(tmp_path):
+    proc = run_cli(
+        "run",
+        str(ROOT / "pipelines" / "tabular_demo.yaml"),
+        "--set",
+        "train.epochs=0",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "train.epochs" in proc.stderr
+    assert not (tmp_path / "mlruns-data").exists()
+
+
+def test_cli_missing_source_path_is_named(tmp_path):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        "name: missing\n"
+        "sources:\n  facts:\n    format: parquet\n    path: /nowhere/facts.parquet\n"
+        "features:\n  numeric: [a]\n  label: y\n"
+        f"tracking:\n  local_store: {tmp_path / 'store'}\n"
+    )
+    proc = run_cli("run", str(pipeline), "--master", "local[1]", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "/nowhere/facts.parquet" in proc.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("missing").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "does not exist" in runs[0].data.tags["error"]
