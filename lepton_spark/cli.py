@@ -7,6 +7,7 @@ failed; 4 infrastructure (not enough Spark slots, a lost rank); 130 interrupted.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -83,6 +84,8 @@ def run(
 
     from lepton_spark.pipeline import run_pipeline
 
+    # A scheduler's SIGTERM ends the run like Ctrl-C: MLflow run KILLED, Spark jobs cancelled.
+    signal.signal(signal.SIGTERM, _interrupt)
     console.print(f"[bold]lepton-spark[/] {cfg.name}: {cfg.description or pipeline}")
     try:
         result = run_pipeline(cfg, tracking_uri=tracking_uri)
@@ -110,6 +113,10 @@ def run(
         ("open the UI", result.ui_command),
     ):
         typer.echo(f"{label + ':':<13}{value}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _fail(message: str, code: int) -> typer.Exit:

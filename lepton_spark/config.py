@@ -109,6 +109,7 @@ class TrainConfig(_Frozen):
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
     lr: float = Field(1e-3, gt=0.0, description="learning rate for one rank")
     lr_scaling: Literal["linear", "none"] = "linear"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0

@@ -82,6 +82,15 @@ def make_optimizer(cfg: TrainConfig, params: Any, lr: float) -> torch.optim.Opti
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
+def make_schedule(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step learning-rate schedule: constant, or cosine decay to zero over the run."""
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
 def evaluate(model: nn.Module, loader: ShardLoader, device: torch.device) -> torch.Tensor:
     """``[loss sum, correct, rows]`` over the loader, as a float64 tensor (for an allreduce)."""
     totals = torch.zeros(3, dtype=torch.float64)
@@ -153,6 +162,7 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    schedule = make_schedule(cfg, optimizer, total_steps=steps * cfg.epochs)
 
     if report:
         report(
@@ -175,6 +185,7 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
             loss = F.cross_entropy(model(batch.numeric, batch.categorical), batch.label)
             loss.backward()
             optimizer.step()
+            schedule.step()
             loss_sum += loss.detach()
             if report and (step % cfg.progress_every_steps == 0 or step == steps):
                 report(

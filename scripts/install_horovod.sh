@@ -82,4 +82,10 @@ fi
 "$PYTHON" -m pip install --quiet --no-deps --force-reinstall "$slot"/horovod-*.whl
 # horovod's own runtime requirements, without the [spark] extra (it pins pyarrow<11).
 "$PYTHON" -m pip install --quiet cloudpickle psutil pyyaml packaging cffi
-"$PYTHON" -c "import horovod.torch as hvd; print('horovod', hvd.__version__ if hasattr(hvd, '__version__') else '', 'ready:', 'gloo' if hvd.gloo_built() else 'no gloo', 'nccl' if hvd.nccl_built() else '')"
+"$PYTHON" - <<'PY'
+import horovod
+import horovod.torch as hvd
+
+ops = ["gloo" if hvd.gloo_built() else "", "nccl" if hvd.nccl_built() else ""]
+print(f"horovod {horovod.__version__} ready ({' + '.join(o for o in ops if o)})")
+PY
