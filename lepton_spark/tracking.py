@@ -128,5 +128,13 @@ class TrackedRun:
     def log_pytorch_model(self, model: Any, **kwargs: Any) -> str:
         """Log with ``mlflow.pytorch`` (pickled module) into this run; returns the model URI."""
         kwargs.setdefault("serialization_format", "pickle")
-        info = mlflow.pytorch.log_model(model, name="model", **kwargs)
+        # The pickle format is chosen on purpose (pt2 needs tensor-only signatures); mlflow warns
+        # about it on every call.
+        flavour_log = logging.getLogger("mlflow.pytorch")
+        level = flavour_log.level
+        flavour_log.setLevel(logging.ERROR)
+        try:
+            info = mlflow.pytorch.log_model(model, name="model", **kwargs)
+        finally:
+            flavour_log.setLevel(level)
         return info.model_uri
