@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -325,15 +327,22 @@ def run_barrier(
             sc.cancelJobGroup(group)
             raise
         except Exception as err:
-            if failures:
-                raise BarrierError(failures[0]["error"]) from err
-            raise BarrierError(f"barrier stage failed: {_short(err)}") from err
+            raise BarrierError(_stage_failure(err, failures)) from err
         finally:
             sc.setLocalProperty("spark.jobGroup.id", None)
     results = [pickle.loads(r) for r in raw]
     return [value for _, value in sorted(results, key=lambda rv: rv[0])]
 
 
-def _short(err: BaseException) -> str:
+def _stage_failure(err: BaseException, failures: list[Event]) -> str:
+    """The failed rank's own message if one reported it, else the gist of Spark's error."""
+    deadline = time.monotonic() + 2.0  # the rank's report may still be on its way
+    while not failures and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if failures:
+        return str(failures[0]["error"])
     text = str(err)
-    return text if len(text) < 2000 else text[:2000] + " …"
+    found = re.search(r"BarrierError: (rank \d+ .*?)(?:\n\s*at |\Z)", text, re.S)
+    if found:
+        return found.group(1).strip()
+    return "barrier stage failed: " + (text if len(text) < 2000 else text[:2000] + " …")

@@ -50,14 +50,18 @@ class ExportedClassifier(nn.Module):
     columns are ``FeatureSpec.input_columns`` (numeric values, then categorical indices).
     """
 
-    def __init__(self, model: nn.Module, n_numeric: int) -> None:
+    def __init__(self, model: nn.Module, n_numeric: int, cardinalities: list[int]) -> None:
         super().__init__()
         self.model = model
         self.n_numeric = n_numeric
+        self.register_buffer("cardinalities", torch.tensor(cardinalities, dtype=torch.long))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         numeric = inputs[:, : self.n_numeric].float()
         categorical = inputs[:, self.n_numeric :].round().long()
+        # An index the vocabulary does not have is "unknown" (0), as in training.
+        known = (categorical >= 0) & (categorical < self.cardinalities)
+        categorical = torch.where(known, categorical, torch.zeros_like(categorical))
         return torch.softmax(self.model(numeric, categorical), dim=1)
 
 

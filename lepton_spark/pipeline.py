@@ -79,7 +79,8 @@ def export_model(cfg: PipelineConfig, spec: FeatureSpec, result: TrainResult) ->
     """The trained weights in their served form (one input matrix, probabilities out)."""
     model = build_model(cfg.model, spec)
     model.load_state_dict(result.load_state_dict())
-    return ExportedClassifier(model, n_numeric=len(spec.numeric)).eval()
+    cardinalities = [c.cardinality for c in spec.categorical]
+    return ExportedClassifier(model, len(spec.numeric), cardinalities).eval()
 
 
 def _pip_requirements() -> list[str]:
