@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_horovod.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
-	PYTHON=$(BIN)/python bash scripts/install_horovod.sh
+	PYTHON=$(abspath $(BIN))/python bash scripts/install_horovod.sh
 	@touch $@
 
 setup: $(STAMP)

@@ -15,6 +15,8 @@ set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
 PYTHON=${PYTHON:-python}
+# Absolute, so that it still works after the build cds into the source tree.
+PYTHON=$("$PYTHON" -c 'import sys; print(sys.executable)')
 CACHE=${LEPTON_WHEEL_CACHE:-$HOME/.cache/lepton-spark/wheels}
 
 if "$PYTHON" -c "import horovod.torch" >/dev/null 2>&1 \
