@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,7 @@ class ShardLoader:
         )
         limit = len(self)
         produced = 0
-        pending: list[Batch] = []
+        pending: deque[Batch] = deque()
         pending_rows = 0
         for i in order:
             for part in record_batches(self.paths[i], self.n_numeric, self.n_categorical):
@@ -144,13 +145,26 @@ class ShardLoader:
                 while pending_rows >= self.batch_size:
                     if produced == limit:
                         return
-                    merged = _concat(pending)
-                    yield _slice(merged, 0, self.batch_size)
+                    yield _pop_rows(pending, self.batch_size)
+                    pending_rows -= self.batch_size
                     produced += 1
-                    rest = _slice(merged, self.batch_size, len(merged))
-                    pending, pending_rows = ([rest], len(rest)) if len(rest) else ([], 0)
         if pending_rows and produced < limit:
-            yield _concat(pending)
+            yield _pop_rows(pending, pending_rows)
+
+
+def _pop_rows(pending: deque[Batch], n: int) -> Batch:
+    """The first ``n`` pending rows: a view when they lie in one record batch, else one copy."""
+    parts = []
+    while n:
+        head = pending[0]
+        if len(head) <= n:
+            parts.append(pending.popleft())
+            n -= len(head)
+        else:
+            parts.append(_slice(head, 0, n))
+            pending[0] = _slice(head, n, len(head))
+            n = 0
+    return _concat(parts)
 
 
 _DONE = object()
