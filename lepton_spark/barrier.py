@@ -183,7 +183,6 @@ class RendezvousService:
 @dataclass(frozen=True)
 class BarrierSettings:
     gloo_timeout_s: int = 120
-    keep_logs_on_failure: bool = False
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

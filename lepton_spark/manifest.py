@@ -7,7 +7,6 @@ folder with a manifest is always whole. No Spark, no MLflow: ranks read it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -120,7 +119,3 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def dump_json(data: object) -> str:
-    return json.dumps(data, indent=2, sort_keys=True)
