@@ -78,8 +78,15 @@ class TrackedRun:
         self.tags = tags or {}
         self.client = MlflowClient(target.tracking_uri)
         self.run_id = ""
+        self._previous_uri: tuple[str | None, str | None] = (None, None)
 
     def __enter__(self) -> TrackedRun:
+        # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI; both are put back on exit, so
+        # the next run in this process (a notebook's) resolves its own target again.
+        self._previous_uri = (
+            mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None,
+            os.environ.get("MLFLOW_TRACKING_URI"),
+        )
         mlflow.set_tracking_uri(self.target.tracking_uri)
         exp = experiment_id(self.client, self.experiment, self.target.artifact_root)
         run = mlflow.start_run(experiment_id=exp, run_name=self.run_name, tags=self.tags)
@@ -97,7 +104,18 @@ class TrackedRun:
                 self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
             except Exception:  # the run must still be closed
                 log.exception("could not record the error on run %s", self.run_id)
-        mlflow.end_run(status=status)
+        try:
+            mlflow.end_run(status=status)
+        finally:
+            self._restore_tracking_uri()
+
+    def _restore_tracking_uri(self) -> None:
+        uri, env = self._previous_uri
+        mlflow.set_tracking_uri(uri)  # None: back to mlflow's default resolution
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
     @property
     def artifact_uri(self) -> str:

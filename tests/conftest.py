@@ -47,3 +47,13 @@ def demo_config(tmp_path: Path):
             "tracking.local_store": str(tmp_path / "mlruns-data"),
         },
     )
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_between_tests() -> Iterator[None]:
+    """A test that points mlflow somewhere (to read a run back) does not send the next one there."""
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
