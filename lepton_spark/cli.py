@@ -66,6 +66,13 @@ def run(
         list[str] | None,
         typer.Option("--set", help="Override a config value: --set train.epochs=5 (repeatable)."),
     ] = None,
+    rebuild_shards: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild-shards",
+            help="Write the shards again even if committed ones match the dataset fingerprint.",
+        ),
+    ] = False,
 ) -> None:
     """Run a pipeline end to end and print where the results are."""
     from lepton_spark.barrier import BarrierError, SlotsError
@@ -88,7 +95,7 @@ def run(
     signal.signal(signal.SIGTERM, _interrupt)
     console.print(f"[bold]lepton-spark[/] {cfg.name}: {cfg.description or pipeline}")
     try:
-        result = run_pipeline(cfg, tracking_uri=tracking_uri)
+        result = run_pipeline(cfg, tracking_uri=tracking_uri, rebuild_shards=rebuild_shards)
     except KeyboardInterrupt:
         _fail("interrupted; the MLflow run is marked KILLED", EXIT_INTERRUPTED)
     except (DataError, ShardError) as err:
@@ -104,11 +111,13 @@ def run(
     table.add_row("rows", ", ".join(f"{k} {v:,}" for k, v in result.rows.items()))
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     Console().print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
     # Paths and commands on lines of their own, never wrapped, so they can be copied.
     for label, value in (
         ("MLflow run", f"{result.run_id} (experiment {result.experiment})"),
         ("model", result.model_uri),
-        ("shards", str(result.shard_folder)),
+        ("shards", result.shard_folder + (" (reused)" if result.shards_reused else "")),
         ("tracking", result.tracking_uri),
         ("open the UI", result.ui_command),
     ):

@@ -98,8 +98,36 @@ class SplitConfig(_Frozen):
 
 
 class ShardConfig(_Frozen):
-    root: str = ".lepton/shards"
-    rows_per_shard: int = Field(250_000, gt=0)
+    """How the prepared data is cut into Arrow shards.
+
+    ``random`` (seeded) gives shards equal to within one row; ``hash`` keeps every row of a key in
+    one shard; ``range`` gives each shard a contiguous range of the key, rows sorted by it. Size by
+    ``rows_per_shard`` or ``bytes_per_shard`` (not both; 250,000 rows when neither is given).
+    """
+
+    root: str = Field(".lepton/shards", description="a local path or a pyarrow.fs URI")
+    strategy: Literal["random", "hash", "range"] = "random"
+    key: str | None = Field(None, description="the column hash and range shard by")
+    rows_per_shard: int | None = Field(None, gt=0)
+    bytes_per_shard: int | None = Field(None, gt=0)
+    seed: int = 0
+    skew_warning: float = Field(1.25, gt=1.0, description="warn when a rank gets more × the mean")
+
+    @model_validator(mode="after")
+    def _key_and_size(self) -> ShardConfig:
+        if self.strategy == "random" and self.key is not None:
+            raise ValueError("'key' is only used by the hash and range strategies")
+        if self.strategy != "random" and self.key is None:
+            raise ValueError(f"strategy {self.strategy!r} needs a 'key' column")
+        if self.rows_per_shard is not None and self.bytes_per_shard is not None:
+            raise ValueError("give 'rows_per_shard' or 'bytes_per_shard', not both")
+        return self
+
+    def target_rows(self, row_bytes: int) -> int:
+        """Rows per shard, from ``rows_per_shard`` or ``bytes_per_shard`` and the row width."""
+        if self.bytes_per_shard is not None:
+            return max(1, self.bytes_per_shard // row_bytes)
+        return self.rows_per_shard or 250_000
 
 
 class TrainConfig(_Frozen):
@@ -114,6 +142,14 @@ class TrainConfig(_Frozen):
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0
     shuffle: bool = True
+    shuffle_buffer: int = Field(
+        65_536, gt=0, description="rows mixed at a time across this rank's shards"
+    )
+    tail: Literal["drop", "pad"] = Field(
+        "drop",
+        description="equal steps per rank: 'drop' stops every rank at the smallest rank's full "
+        "batches; 'pad' runs to the largest rank's, smaller ranks wrapping around their rows",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_rank: int | None = Field(None, gt=0)
     progress_every_steps: int = Field(50, gt=0)

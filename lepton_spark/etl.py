@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -42,6 +43,11 @@ class PreparedData:
     validation: DataFrame
     feature_spec: FeatureSpec
     rows: int
+    features: DataFrame  # both splits' parent, cached while the shards are written
+
+    def release(self) -> None:
+        """Drop the cached features (once the shards are written)."""
+        self.features.unpersist()
 
 
 # Loopback-only defaults for local masters: no traffic leaves the machine, and the addresses ranks
@@ -180,9 +186,19 @@ def _index_column(df: DataFrame, column: str, vocabulary: list[str]) -> DataFram
     return joined.withColumn(column, F.coalesce(F.col("_i"), F.lit(UNKNOWN_INDEX))).drop("_v", "_i")
 
 
-def build_features(df: DataFrame, spec: FeatureSpecConfig) -> tuple[DataFrame, FeatureSpec, int]:
-    """Validate the columns, index categoricals, and select ``numeric…, categorical…, label``."""
+def build_features(
+    df: DataFrame, spec: FeatureSpecConfig, keep: tuple[str, ...] = ()
+) -> tuple[DataFrame, FeatureSpec, int]:
+    """Validate the columns, index categoricals, and select ``numeric…, categorical…, label``.
+
+    ``keep``: more columns carried along as they are (a shard key that is not a feature).
+    """
     _check_columns(df, spec)
+    absent = [c for c in keep if c not in df.columns]
+    if absent:
+        raise DataError(
+            f"shards.key {absent[0]!r} is not a column of the data (columns: {sorted(df.columns)})"
+        )
     stats = _statistics(df, spec)
     rows = int(stats["rows"] or 0)
     if rows == 0:
@@ -207,6 +223,7 @@ def build_features(df: DataFrame, spec: FeatureSpecConfig) -> tuple[DataFrame, F
         *[F.col(c).cast("float").alias(c) for c in spec.numeric],
         *[F.col(c).cast("long").alias(c) for c in spec.categorical],
         F.col(spec.label).cast("long").alias(spec.label),
+        *[F.col(c) for c in keep if c not in (*spec.numeric, *spec.categorical, spec.label)],
     )
     feature_spec = FeatureSpec(
         numeric=list(spec.numeric),
@@ -228,7 +245,12 @@ def split(df: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, DataFrame]:
 def prepare(spark: SparkSession, cfg: PipelineConfig) -> PreparedData:
     """Sources → transform → features and label → train/validation split."""
     df = load_and_transform(spark, cfg)
-    features, spec, rows = build_features(df, cfg.features)
+    keep = (cfg.shards.key,) if cfg.shards.key else ()
+    features, spec, rows = build_features(df, cfg.features, keep)
+    # Both splits and the shard writer read these rows more than once: compute them once.
+    features = features.persist(StorageLevel.MEMORY_AND_DISK)
     train, validation = split(features, cfg.split)
     log.info("prepared %d rows: %s", rows, spec.input_columns)
-    return PreparedData(train=train, validation=validation, feature_spec=spec, rows=rows)
+    return PreparedData(
+        train=train, validation=validation, feature_spec=spec, rows=rows, features=features
+    )

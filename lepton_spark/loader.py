@@ -1,9 +1,14 @@
 """Rank side of the data path: this rank's Arrow shards as torch batches.
 
-Shards are memory-mapped; the packed ``numeric`` and ``categorical`` columns and the ``label``
-become torch tensors that share the mapped buffers (no copy), and batches are slices of them. With
-shuffling on, shard order and row order within each record batch change every epoch, the same for
-the same seed and epoch. No Spark, no MLflow.
+Local shards are memory-mapped; the packed ``numeric`` and ``categorical`` columns and the
+``label`` become torch tensors that share the mapped buffers (no copy), and unshuffled batches are
+slices of them. Shards on other filesystems (``pyarrow.fs`` URIs) are read a record batch at a time.
+
+With shuffling on, every epoch (same seed and epoch, same order) visits the rank's shards in a
+random order, each shard's record batches in a random order, and mixes rows through a shuffle
+buffer of ``shuffle_buffer`` rows that spans record batches and shards. Only the shards in flight
+are open, so memory does not grow with the dataset. A background thread prepares the next batches.
+No Spark, no MLflow.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import torch
 
 from lepton_spark.manifest import ShardInfo, verify_shard
 from lepton_spark.spec import CATEGORICAL_COLUMN, LABEL_COLUMN, NUMERIC_COLUMN
+from lepton_spark.storage import Location, locate
 
 # Tensors over read-only mapped memory are never written to; torch warns about it once per array.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -36,9 +43,15 @@ class Batch:
         return int(self.label.shape[0])
 
     def to(self, device: torch.device) -> Batch:
+        """On ``device``, copied from pinned memory without blocking."""
         if device.type == "cpu":
             return self
-        return Batch(*(t.pin_memory().to(device, non_blocking=True) for t in self.tensors()))
+        return Batch(*(t.to(device, non_blocking=True) for t in self.pinned().tensors()))
+
+    def pinned(self) -> Batch:
+        if self.label.is_pinned():
+            return self
+        return Batch(*(t.pin_memory() for t in self.tensors()))
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.numeric, self.categorical, self.label
@@ -52,17 +65,34 @@ def _matrix(batch: pa.RecordBatch, column: str, dtype: torch.dtype, width: int) 
     return torch.from_numpy(flat.reshape(rows, width))
 
 
-def record_batches(path: str | Path, n_numeric: int, n_categorical: int) -> Iterator[Batch]:
-    """One :class:`Batch` per record batch of a shard, sharing the memory-mapped file."""
-    with pa.memory_map(str(path), "r") as source:
+def _to_batch(rb: pa.RecordBatch, n_numeric: int, n_categorical: int) -> Batch:
+    return Batch(
+        numeric=_matrix(rb, NUMERIC_COLUMN, torch.float32, n_numeric),
+        categorical=_matrix(rb, CATEGORICAL_COLUMN, torch.int64, n_categorical),
+        label=torch.from_numpy(rb.column(LABEL_COLUMN).to_numpy(zero_copy_only=True)),
+    )
+
+
+def record_batches(
+    place: str | Path | Location,
+    n_numeric: int,
+    n_categorical: int,
+    order: Sequence[int] | None = None,
+) -> Iterator[Batch]:
+    """One :class:`Batch` per record batch of a shard (in ``order`` when given).
+
+    Local shards are memory-mapped and the tensors share the mapping; the mapping lives as long as
+    a tensor over it does.
+    """
+    with locate(place).open_for_reading() as source:
         reader = pa.ipc.open_file(source)
-        for i in range(reader.num_record_batches):
-            rb = reader.get_batch(i)
-            yield Batch(
-                numeric=_matrix(rb, NUMERIC_COLUMN, torch.float32, n_numeric),
-                categorical=_matrix(rb, CATEGORICAL_COLUMN, torch.int64, n_categorical),
-                label=torch.from_numpy(rb.column(LABEL_COLUMN).to_numpy(zero_copy_only=True)),
-            )
+        for i in range(reader.num_record_batches) if order is None else order:
+            yield _to_batch(reader.get_batch(i), n_numeric, n_categorical)
+
+
+def count_record_batches(place: str | Path | Location) -> int:
+    with locate(place).open_for_reading() as source:
+        return pa.ipc.open_file(source).num_record_batches
 
 
 def _concat(parts: list[Batch]) -> Batch:
@@ -79,17 +109,23 @@ def _slice(batch: Batch, start: int, stop: int) -> Batch:
     return Batch(*(t[start:stop] for t in batch.tensors()))
 
 
+Tail = Literal["drop", "pad"]
+
+
 class ShardLoader:
     """Batches of ``batch_size`` rows from a list of shards, epoch by epoch.
 
-    ``steps`` caps the batches per epoch (every rank passes the same number, see
-    :meth:`lepton_spark.manifest.SplitInfo.steps_per_epoch`); ``drop_last`` drops a short final
-    batch. Shards are checked against the manifest (size and sha256) when the loader is made.
+    ``steps`` fixes the batches per epoch; every rank passes the same number (see
+    :meth:`lepton_spark.manifest.SplitInfo.steps_per_epoch`). With ``tail="drop"`` an epoch ends
+    after ``steps`` batches or when the rows run out (a short last batch is dropped when
+    ``drop_last``); with ``tail="pad"`` a rank that runs out starts over on its rows (a new
+    shuffled pass) until it has made ``steps`` full batches. Shards are checked against the
+    manifest (size, and sha256 when ``verify``) when the loader is made.
     """
 
     def __init__(
         self,
-        folder: str | Path,
+        folder: str | Path | Location,
         shards: Sequence[ShardInfo],
         *,
         n_numeric: int,
@@ -98,24 +134,37 @@ class ShardLoader:
         steps: int | None = None,
         shuffle: bool = False,
         seed: int = 0,
+        shuffle_buffer: int = 65_536,
         drop_last: bool = True,
+        tail: Tail = "drop",
         verify: bool = True,
         prefetch: int = 2,
+        pin_memory: bool = False,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.paths = [verify_shard(folder, s, checksum=verify) for s in shards]
+        if tail == "pad" and steps is None:
+            raise ValueError("tail='pad' needs the number of steps per epoch")
+        self.places = [verify_shard(folder, s, checksum=verify) for s in shards]
         self.rows = sum(s.rows for s in shards)
+        if tail == "pad" and steps and not self.rows:
+            raise ValueError(f"tail='pad' cannot make {steps} batches from no rows")
         self.n_numeric = n_numeric
         self.n_categorical = n_categorical
         self.batch_size = batch_size
         self.steps = steps
         self.shuffle = shuffle
         self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
         self.drop_last = drop_last
+        self.tail = tail
         self.prefetch = prefetch
+        self.pin_memory = pin_memory
 
     def __len__(self) -> int:
+        if self.tail == "pad":
+            assert self.steps is not None
+            return self.steps
         full, rest = divmod(self.rows, self.batch_size)
         n = full if self.drop_last or rest == 0 else full + 1
         return n if self.steps is None else min(n, self.steps)
@@ -123,33 +172,69 @@ class ShardLoader:
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """The batches of one epoch, produced by a background thread ``prefetch`` batches ahead."""
         batches = self._batches(epoch)
+        if self.pin_memory:
+            batches = (b.pinned() for b in batches)
         return _prefetched(batches, self.prefetch) if self.prefetch > 0 else batches
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = (
-            torch.randperm(len(self.paths), generator=generator).tolist()
-            if self.shuffle
-            else range(len(self.paths))
-        )
         limit = len(self)
         produced = 0
         pending: deque[Batch] = deque()
         pending_rows = 0
-        for i in order:
-            for part in record_batches(self.paths[i], self.n_numeric, self.n_categorical):
-                if self.shuffle:
-                    part = _take(part, torch.randperm(len(part), generator=generator))
-                pending.append(part)
-                pending_rows += len(part)
-                while pending_rows >= self.batch_size:
-                    if produced == limit:
-                        return
-                    yield _pop_rows(pending, self.batch_size)
-                    pending_rows -= self.batch_size
-                    produced += 1
+        for part in self._rows(epoch):
+            pending.append(part)
+            pending_rows += len(part)
+            while pending_rows >= self.batch_size:
+                if produced == limit:
+                    return
+                yield _pop_rows(pending, self.batch_size)
+                pending_rows -= self.batch_size
+                produced += 1
+            if produced == limit:
+                return
         if pending_rows and produced < limit:
             yield _pop_rows(pending, pending_rows)
+
+    def _rows(self, epoch: int) -> Iterator[Batch]:
+        """The epoch's rows in order, as record batches or shuffled chunks; passes repeat to pad."""
+        passes = 1
+        while True:
+            generator = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + epoch) * 1_009 + passes
+            )
+            yield from self._one_pass(generator) if self.shuffle else self._in_order()
+            if self.tail != "pad":
+                return
+            passes += 1
+
+    def _in_order(self) -> Iterator[Batch]:
+        for place in self.places:
+            yield from record_batches(place, self.n_numeric, self.n_categorical)
+
+    def _one_pass(self, generator: torch.Generator) -> Iterator[Batch]:
+        pool: list[Batch] = []
+        pool_rows = 0
+        for i in _permutation(len(self.places), generator):
+            place = self.places[i]
+            order = _permutation(count_record_batches(place), generator)
+            for part in record_batches(place, self.n_numeric, self.n_categorical, order):
+                pool.append(part)
+                pool_rows += len(part)
+                if pool_rows >= self.shuffle_buffer:
+                    yield _mixed(pool, generator)
+                    pool, pool_rows = [], 0
+        if pool:
+            yield _mixed(pool, generator)
+
+
+def _permutation(n: int, generator: torch.Generator) -> list[int]:
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _mixed(pool: list[Batch], generator: torch.Generator) -> Batch:
+    """The pool's rows in a random order (one gather, plus one copy when it spans parts)."""
+    merged = _concat(pool)
+    return _take(merged, torch.randperm(len(merged), generator=generator))
 
 
 def _pop_rows(pending: deque[Batch], n: int) -> Batch:

@@ -6,16 +6,21 @@ folder with a manifest is always whole. No Spark, no MLflow: ranks read it.
 
 from __future__ import annotations
 
-import hashlib
-import os
+import heapq
+import math
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lepton_spark.spec import FeatureSpec
+from lepton_spark.storage import Location, locate
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+Tail = Literal["drop", "pad"]
+KeyValue = int | float | str | None
 
 
 class ShardError(RuntimeError):
@@ -29,6 +34,20 @@ class ShardInfo(BaseModel):
     rows: int = Field(ge=0)
     bytes: int = Field(ge=0)
     sha256: str
+    key_min: KeyValue = Field(None, description="range strategy: the smallest key in the shard")
+    key_max: KeyValue = None
+
+
+class SkewReport(BaseModel):
+    """How evenly a split's rows are spread over shards and over ``ranks`` ranks."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ranks: int
+    rows_per_shard: list[int]
+    rows_per_rank: list[int]
+    shard_max_over_mean: float
+    rank_max_over_mean: float
 
 
 class SplitInfo(BaseModel):
@@ -37,24 +56,58 @@ class SplitInfo(BaseModel):
     rows: int
     shards: list[ShardInfo]
 
-    def for_rank(self, rank: int, size: int) -> list[ShardInfo]:
-        """Shards of one rank: every ``size``-th shard starting at ``rank``.
+    def assignment(self, size: int) -> list[list[ShardInfo]]:
+        """Shards per rank, balancing rows: largest shard first to the rank with fewest rows.
 
-        Together the ranks cover every shard exactly once.
+        Deterministic (ties go to the lower path and the lower rank); with equal shards it deals
+        them out in turn. Together the ranks cover every shard exactly once.
         """
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        ranks: list[list[ShardInfo]] = [[] for _ in range(size)]
+        load = [(0, r) for r in range(size)]
+        for shard in sorted(self.shards, key=lambda s: (-s.rows, s.path)):
+            rows, r = heapq.heappop(load)
+            ranks[r].append(shard)
+            heapq.heappush(load, (rows + shard.rows, r))
+        return [sorted(shards, key=lambda s: s.path) for shards in ranks]
+
+    def for_rank(self, rank: int, size: int) -> list[ShardInfo]:
+        """The shards rank ``rank`` of ``size`` reads (see :meth:`assignment`)."""
         if not 0 <= rank < size:
             raise ValueError(f"rank {rank} outside [0, {size})")
-        return self.shards[rank::size]
+        return self.assignment(size)[rank]
 
     def rows_per_rank(self, size: int) -> list[int]:
-        return [sum(s.rows for s in self.for_rank(r, size)) for r in range(size)]
+        return [sum(s.rows for s in shards) for shards in self.assignment(size)]
 
-    def steps_per_epoch(self, size: int, batch_size: int) -> int:
-        """Steps every rank runs per epoch: the smallest rank's full batches.
+    def steps_per_epoch(self, size: int, batch_size: int, tail: Tail = "drop") -> int:
+        """Steps every rank runs per epoch, the same on every rank so no allreduce waits.
 
-        All ranks run the same number of steps so that no allreduce waits on a rank that ran out.
+        ``drop``: the smallest rank's full batches (larger ranks leave rows out each epoch, a
+        different part every epoch when shuffling). ``pad``: the largest rank's batches, rounded
+        up; smaller ranks wrap around and see some rows twice.
         """
-        return min(self.rows_per_rank(size)) // batch_size
+        rows = self.rows_per_rank(size)
+        if tail == "pad":
+            return math.ceil(max(rows) / batch_size)
+        return min(rows) // batch_size
+
+    def skew(self, size: int) -> SkewReport:
+        per_shard = [s.rows for s in self.shards]
+        per_rank = self.rows_per_rank(size)
+
+        def ratio(values: list[int]) -> float:
+            mean = sum(values) / len(values) if values else 0.0
+            return round(max(values) / mean, 4) if mean else 1.0
+
+        return SkewReport(
+            ranks=size,
+            rows_per_shard=per_shard,
+            rows_per_rank=per_rank,
+            shard_max_over_mean=ratio(per_shard),
+            rank_max_over_mean=ratio(per_rank),
+        )
 
 
 class Manifest(BaseModel):
@@ -65,7 +118,15 @@ class Manifest(BaseModel):
     created_at: str
     feature_spec: FeatureSpec
     schema_: dict[str, str] = Field(alias="schema")
+    strategy: str = "random"
+    key: str | None = None
+    source: dict[str, object] = Field(
+        default_factory=dict, description="what the fingerprint was computed from"
+    )
     splits: dict[str, SplitInfo]
+    skew: dict[str, SkewReport] = Field(
+        default_factory=dict, description="per split, for the number of ranks written for"
+    )
 
     def split(self, name: str) -> SplitInfo:
         try:
@@ -79,43 +140,41 @@ class Manifest(BaseModel):
         return self.model_dump_json(indent=2, by_alias=True)
 
 
-def read_manifest(folder: str | Path) -> Manifest:
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
-        raise ShardError(f"{path}: no manifest, so {folder} is not a committed shard folder")
+def read_manifest(folder: str | Path | Location) -> Manifest:
+    place = locate(folder).child(MANIFEST_NAME)
+    if not place.is_file():
+        raise ShardError(f"{place.uri}: no manifest, so {folder} is not a committed shard folder")
     try:
-        return Manifest.model_validate_json(path.read_text())
+        manifest = Manifest.model_validate_json(place.read_text())
     except ValueError as err:
-        raise ShardError(f"{path}: unreadable manifest: {err}") from None
+        raise ShardError(f"{place.uri}: unreadable manifest: {err}") from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise ShardError(
+            f"{place.uri}: shard format {manifest.format_version}, this version reads "
+            f"{FORMAT_VERSION}; rebuild the shards (--rebuild-shards)"
+        )
+    return manifest
 
 
-def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def sha256_file(path: str | Path | Location) -> str:
+    return locate(path).sha256()
 
 
-def verify_shard(folder: str | Path, shard: ShardInfo, checksum: bool = True) -> Path:
-    """The shard's path, once its size (and checksum) match the manifest."""
-    path = Path(folder) / shard.path
-    if not path.is_file():
-        raise ShardError(f"{path}: listed in the manifest but missing")
-    size = path.stat().st_size
+def verify_shard(
+    folder: str | Path | Location, shard: ShardInfo, checksum: bool = True
+) -> Location:
+    """Where the shard is, once its size (and checksum) match the manifest."""
+    place = locate(folder).child(shard.path)
+    if not place.is_file():
+        raise ShardError(f"{place.uri}: listed in the manifest but missing")
+    size = place.size()
     if size != shard.bytes:
-        raise ShardError(f"{path}: {size} bytes on disk, the manifest says {shard.bytes}")
-    if checksum and (digest := sha256_file(path)) != shard.sha256:
-        raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest")
-    return path
+        raise ShardError(f"{place.uri}: {size} bytes on disk, the manifest says {shard.bytes}")
+    if checksum and (digest := place.sha256()) != shard.sha256:
+        raise ShardError(f"{place.uri}: sha256 {digest[:12]}… does not match the manifest")
+    return place
 
 
-def write_manifest(folder: str | Path, manifest: Manifest) -> None:
-    """Write ``manifest.json`` durably (temp file, fsync, rename)."""
-    path = Path(folder) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_manifest(folder: str | Path | Location, manifest: Manifest) -> None:
+    """Write ``manifest.json`` atomically: readers see no manifest or a whole one."""
+    locate(folder).child(MANIFEST_NAME).write_text_atomic(manifest.to_json())

@@ -25,11 +25,15 @@ from lepton_spark import __version__
 from lepton_spark.barrier import run_barrier
 from lepton_spark.config import PipelineConfig, load_config
 from lepton_spark.etl import prepare, spark_session
-from lepton_spark.manifest import MANIFEST_NAME
+from lepton_spark.fingerprint import dataset_fingerprint
+from lepton_spark.loader import record_batches
+from lepton_spark.manifest import SkewReport
 from lepton_spark.models import ExportedClassifier, build_model
 from lepton_spark.progress import ConsoleProgress
+from lepton_spark.shardio import find_committed
 from lepton_spark.shards import ShardSet, write_shards
 from lepton_spark.spec import FeatureSpec
+from lepton_spark.storage import locate
 from lepton_spark.tracking import TrackedRun, resolve_tracking
 from lepton_spark.train import TrainResult, TrainSpec, train_rank
 
@@ -43,11 +47,13 @@ class PipelineResult:
     tracking_uri: str
     ui_command: str
     model_uri: str
-    shard_folder: Path
+    shard_folder: str
+    shards_reused: bool
     metrics: dict[str, float]
     history: list[dict[str, float]]
     timings: dict[str, float] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @contextmanager
@@ -59,10 +65,84 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = round(time.perf_counter() - started, 2)
 
 
-def shard_fingerprint(cfg: PipelineConfig) -> str:
-    """Same data, features, split and sharding → same shard folder name."""
-    fp = cfg.fingerprint("sources", "transform", "features", "split", "shards")
-    return f"{cfg.name}-{fp}-w{cfg.train.num_workers}"
+def shard_folder_name(cfg: PipelineConfig, fingerprint: str) -> str:
+    """Same data, features, split and sharding → the same folder (per number of ranks)."""
+    return f"{cfg.name}-{fingerprint[:16]}-w{cfg.train.num_workers}"
+
+
+def materialize_shards(
+    spark: SparkSession,
+    cfg: PipelineConfig,
+    *,
+    rebuild: bool = False,
+    timings: dict[str, float] | None = None,
+) -> ShardSet:
+    """The pipeline's committed shards: found by the dataset fingerprint, or written now.
+
+    ``rebuild`` writes them again even when a committed folder with the same fingerprint exists.
+    ``timings`` receives the seconds spent on ``etl`` and ``shards``.
+    """
+    timings = {} if timings is None else timings
+    with _timed(timings, "etl"):
+        fingerprint, source = dataset_fingerprint(spark, cfg)
+        folder = locate(cfg.shards.root).child(shard_folder_name(cfg, fingerprint))
+        manifest, why = (None, "--rebuild-shards") if rebuild else find_committed(folder)
+        if manifest is None:
+            log.info("%s: writing the shards", why)
+            prepared = prepare(spark, cfg)
+    if manifest is not None:
+        log.info(
+            "reusing the shards at %s (same dataset fingerprint, written %s); "
+            "--rebuild-shards writes them again",
+            folder.uri,
+            manifest.created_at,
+        )
+        timings["shards"] = 0.0
+        return ShardSet(folder=folder.uri, manifest=manifest, reused=True)
+    with _timed(timings, "shards"):
+        try:
+            val_rows = round(prepared.rows * cfg.split.validation_fraction)
+            return write_shards(
+                {"train": prepared.train, "validation": prepared.validation},
+                prepared.feature_spec,
+                folder,
+                cfg.shards,
+                num_workers=cfg.train.num_workers,
+                estimated_rows={"train": prepared.rows - val_rows, "validation": val_rows},
+                fingerprint=fingerprint,
+                source=source,
+            )
+        finally:
+            prepared.release()
+
+
+def skew_warnings(cfg: PipelineConfig, reports: dict[str, SkewReport]) -> list[str]:
+    """A warning per split where a rank gets more than ``shards.skew_warning`` × the mean rows."""
+    return [
+        f"{split}: rank rows are skewed, max/mean {r.rank_max_over_mean:.2f} "
+        f"(rows per rank {r.rows_per_rank}); ranks with fewer rows "
+        + (
+            "wrap around to keep steps equal (train.tail: pad)"
+            if cfg.train.tail == "pad"
+            else "set the steps and larger ranks leave rows out each epoch (train.tail: drop)"
+        )
+        for split, r in reports.items()
+        if r.rank_max_over_mean > cfg.shards.skew_warning
+    ]
+
+
+def input_example(shard_set: ShardSet, rows: int = 5) -> pd.DataFrame:
+    """The first validation rows as the model's input frame, read from the shards."""
+    spec = shard_set.manifest.feature_spec
+    shard = shard_set.manifest.split("validation").shards[0]
+    batch = next(
+        record_batches(
+            locate(shard_set.folder).child(shard.path), len(spec.numeric), len(spec.categorical)
+        )
+    )
+    frame = {c: batch.numeric[:rows, i].numpy() for i, c in enumerate(spec.numeric)}
+    frame |= {c: batch.categorical[:rows, i].numpy() for i, c in enumerate(spec.categorical_names)}
+    return pd.DataFrame(frame)
 
 
 def model_signature(spec: FeatureSpec) -> Any:
@@ -108,11 +188,13 @@ def run_pipeline(
     spark: SparkSession | None = None,
     tracking_uri: str | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    rebuild_shards: bool = False,
 ) -> PipelineResult:
     """Run the whole pipeline and return where everything went.
 
     ``spark``: an existing session (a notebook's); otherwise one is made from ``config.spark``.
     ``progress``: receives rank events; by default they are shown on the console.
+    ``rebuild_shards``: write the shards again even if committed ones match the fingerprint.
     """
     cfg = config if isinstance(config, PipelineConfig) else load_config(config)
     target = resolve_tracking(cfg.tracking, tracking_uri)
@@ -126,19 +208,33 @@ def run_pipeline(
     with TrackedRun(target, experiment, cfg.tracking.run_name, tags) as run:
         run.log_params(cfg.flat())
         run.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
-        with _timed(timings, "etl"):
-            spark = spark or spark_session(cfg.spark, app_name=f"lepton-spark {cfg.name}")
-            prepared = prepare(spark, cfg)
-        with _timed(timings, "shards"):
-            shard_set = _write_shards(cfg, prepared)
-        run.log_file(shard_set.folder / MANIFEST_NAME)
-        rows = {name: s.rows for name, s in shard_set.manifest.splits.items()}
+        spark = spark or spark_session(cfg.spark, app_name=f"lepton-spark {cfg.name}")
+        shard_set = materialize_shards(spark, cfg, rebuild=rebuild_shards, timings=timings)
+        manifest = shard_set.manifest
+        run.log_text(manifest.to_json(), "manifest.json")
+        rows = {name: s.rows for name, s in manifest.splits.items()}
+        skew = {name: s.skew(cfg.train.num_workers) for name, s in manifest.splits.items()}
+        run.log_json({n: r.model_dump() for n, r in skew.items()}, "skew_report.json")
+        run.log_metrics(
+            {
+                f"skew_{n}_{k}": getattr(r, k)
+                for n, r in skew.items()
+                for k in ("shard_max_over_mean", "rank_max_over_mean")
+            },
+            step=0,
+        )
+        warnings = skew_warnings(cfg, skew)
+        for warning in warnings:
+            log.warning(warning)
         run.set_tags(
             {
                 "rows.train": rows["train"],
                 "rows.validation": rows["validation"],
                 "num_workers": cfg.train.num_workers,
-                "shards": str(shard_set.folder),
+                "shards": shard_set.folder,
+                "shards.reused": str(shard_set.reused).lower(),
+                "shards.strategy": manifest.strategy,
+                "dataset.fingerprint": manifest.fingerprint,
             }
         )
 
@@ -162,8 +258,8 @@ def run_pipeline(
                     console.close()
         chief = results[0]
         with _timed(timings, "model_logging"):
-            feature_spec = shard_set.manifest.feature_spec
-            example = prepared.validation.limit(5).toPandas()[feature_spec.input_columns]
+            feature_spec = manifest.feature_spec
+            example = input_example(shard_set)
             model_uri = run.log_pytorch_model(
                 export_model(cfg, feature_spec, chief),
                 signature=model_signature(feature_spec),
@@ -180,21 +276,10 @@ def run_pipeline(
             ui_command=target.ui_command,
             model_uri=model_uri,
             shard_folder=shard_set.folder,
+            shards_reused=shard_set.reused,
             metrics=final,
             history=chief.history,
             timings=timings,
             rows=rows,
+            warnings=warnings,
         )
-
-
-def _write_shards(cfg: PipelineConfig, prepared: Any) -> ShardSet:
-    val_rows = round(prepared.rows * cfg.split.validation_fraction)
-    return write_shards(
-        {"train": prepared.train, "validation": prepared.validation},
-        prepared.feature_spec,
-        root=cfg.shards.root,
-        fingerprint=shard_fingerprint(cfg),
-        num_workers=cfg.train.num_workers,
-        rows_per_shard=cfg.shards.rows_per_shard,
-        estimated_rows={"train": prepared.rows - val_rows, "validation": val_rows},
-    )

@@ -1,26 +1,44 @@
-"""The shard file format, without Spark: schema, packing, and writing one Arrow IPC file.
+"""The shard file format and folder layout, without Spark.
 
 A shard is an Arrow IPC *file* (random access, memory-mappable, uncompressed) with the packed layout
 the loader reads without copying: ``numeric`` as ``fixed_size_list<float32>[n_numeric]``,
 ``categorical`` as ``fixed_size_list<int64>[n_categorical]``, ``label`` as ``int64``.
-Spark executors write shards through :func:`write_shard`; so can tests and tools on a machine with
-no Spark (:func:`write_local_split`).
+
+A shard folder (local path or ``pyarrow.fs`` URI) holds ``manifest.json`` and one *attempt*
+subfolder with the files it lists: ``attempt-<id>/<split>/part-00000.arrow``. Every write goes to a
+new attempt; the manifest is written last, atomically, and only then are older attempts removed.
+So a folder is either whole (its manifest lists complete files) or has no manifest at all, on any
+filesystem, without renaming folders (which object stores cannot do atomically).
+Spark executors write shards through :func:`write_shard`; so can tests and tools with no Spark
+(:func:`write_local_shards`).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from lepton_spark.manifest import Manifest, ShardInfo, SplitInfo, sha256_file, write_manifest
+from lepton_spark.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardError,
+    ShardInfo,
+    SplitInfo,
+    read_manifest,
+    verify_shard,
+    write_manifest,
+)
 from lepton_spark.spec import CATEGORICAL_COLUMN, LABEL_COLUMN, NUMERIC_COLUMN, FeatureSpec
+from lepton_spark.storage import Location, locate
+
+ATTEMPT_PREFIX = "attempt-"
 
 
 def shard_schema(spec: FeatureSpec) -> pa.Schema:
@@ -31,6 +49,11 @@ def shard_schema(spec: FeatureSpec) -> pa.Schema:
         fields.append(pa.field(CATEGORICAL_COLUMN, pa.list_(pa.int64(), len(spec.categorical))))
     fields.append(pa.field(LABEL_COLUMN, pa.int64()))
     return pa.schema(fields)
+
+
+def row_bytes(spec: FeatureSpec) -> int:
+    """Bytes one row takes in a shard (the layout is fixed-width)."""
+    return 4 * len(spec.numeric) + 8 * len(spec.categorical) + 8
 
 
 def pack_batch(batch: pa.RecordBatch, spec: FeatureSpec, schema: pa.Schema) -> pa.RecordBatch:
@@ -49,64 +72,143 @@ def pack_batch(batch: pa.RecordBatch, spec: FeatureSpec, schema: pa.Schema) -> p
 
 
 def write_shard(
-    folder: str | Path, relpath: str, batches: Iterable[pa.RecordBatch], spec: FeatureSpec
+    folder: str | Path | Location,
+    relpath: str,
+    batches: Iterable[pa.RecordBatch],
+    spec: FeatureSpec,
+    key: str | None = None,
 ) -> ShardInfo | None:
     """Write flat record batches as one packed shard at ``folder/relpath``.
 
-    Returns its manifest entry, or ``None`` (and no file) when there were no rows.
+    Returns its manifest entry (with the smallest and largest ``key`` when one is named), or
+    ``None`` (and no file) when there were no rows.
     """
     schema = shard_schema(spec)
-    path = Path(folder) / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
+    place = locate(folder).child(relpath)
+    place.fs.create_dir(place.path.rsplit("/", 1)[0], recursive=True)
     rows = 0
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+    lows, highs = [], []
+    with place.fs.open_output_stream(place.path) as sink, pa.ipc.new_file(sink, schema) as out:
         for batch in batches:
-            if batch.num_rows:
-                writer.write_batch(pack_batch(batch, spec, schema))
-                rows += batch.num_rows
+            if not batch.num_rows:
+                continue
+            out.write_batch(pack_batch(batch, spec, schema))
+            rows += batch.num_rows
+            if key is not None:
+                bounds = pc.min_max(batch.column(key))
+                lows.append(bounds["min"].as_py())
+                highs.append(bounds["max"].as_py())
     if rows == 0:
-        os.remove(path)
+        place.fs.delete_file(place.path)
         return None
-    return ShardInfo(path=relpath, rows=rows, bytes=path.stat().st_size, sha256=sha256_file(path))
+    return ShardInfo(
+        path=relpath,
+        rows=rows,
+        bytes=place.size(),
+        sha256=place.sha256(),
+        key_min=_bound(min, lows),
+        key_max=_bound(max, highs),
+    )
 
 
-def write_local_split(
-    folder: str | Path, split: str, tables: Iterable[pa.Table], spec: FeatureSpec
-) -> SplitInfo:
-    """Write each flat table as one shard of ``split`` (no Spark): for tests and tools."""
-    infos = []
-    for i, table in enumerate(tables):
-        info = write_shard(folder, f"{split}/part-{i:05d}.arrow", table.to_batches(), spec)
-        if info is not None:
-            infos.append(info)
-    return SplitInfo(rows=sum(s.rows for s in infos), shards=infos)
+def _bound(pick: Any, values: list[Any]) -> Any:
+    present = [v for v in values if v is not None]
+    return pick(present) if present else None
 
 
-def make_manifest(fingerprint: str, spec: FeatureSpec, splits: dict[str, SplitInfo]) -> Manifest:
+def new_attempt() -> str:
+    """A fresh attempt folder name: sortable by time, unique across concurrent writers."""
+    return f"{ATTEMPT_PREFIX}{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+def make_manifest(
+    fingerprint: str,
+    spec: FeatureSpec,
+    splits: dict[str, SplitInfo],
+    *,
+    strategy: str = "random",
+    key: str | None = None,
+    source: Mapping[str, Any] | None = None,
+    num_workers: int | None = None,
+) -> Manifest:
     return Manifest(
         fingerprint=fingerprint,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         feature_spec=spec,
         schema={f.name: str(f.type) for f in shard_schema(spec)},
+        strategy=strategy,
+        key=key,
+        source=dict(source or {}),
         splits=splits,
+        skew={n: s.skew(num_workers) for n, s in splits.items() if num_workers and s.shards},
     )
 
 
-def commit_folder(tmp: Path, final: Path, manifest: Manifest) -> None:
-    """Write the manifest last into ``tmp``, then rename ``tmp`` to ``final``.
+def commit(folder: str | Path | Location, attempt: str, manifest: Manifest) -> None:
+    """Make ``attempt`` the folder's content: manifest last, then older attempts removed."""
+    place = locate(folder)
+    write_manifest(place, manifest)
+    for name in place.subfolders():
+        if name.startswith(ATTEMPT_PREFIX) and name != attempt:
+            place.child(name).delete_folder()
 
-    An existing ``final`` is replaced only once the new folder is complete.
+
+def abandon(folder: str | Path | Location, attempt: str) -> None:
+    """Remove a failed attempt; remove the folder too when nothing else is in it."""
+    place = locate(folder)
+    place.child(attempt).delete_folder()
+    if place.exists() and not place.subfolders() and not place.child(MANIFEST_NAME).exists():
+        place.delete_folder()
+
+
+def find_committed(folder: str | Path | Location) -> tuple[Manifest | None, str]:
+    """The folder's manifest when it is committed and its files are there with the right sizes.
+
+    Otherwise ``None`` and why (checksums are checked by the loader, which reads the files anyway).
     """
-    write_manifest(tmp, manifest)
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    place = locate(folder)
+    if not place.child(MANIFEST_NAME).exists():
+        return None, f"no committed shards at {place.uri}"
+    try:
+        manifest = read_manifest(place)
+        for split in manifest.splits.values():
+            for shard in split.shards:
+                verify_shard(place, shard, checksum=False)
+    except ShardError as err:
+        return None, f"the shards at {place.uri} cannot be reused: {err}"
+    return manifest, "committed"
 
 
-def temporary_sibling(final: Path) -> Path:
-    """A fresh temporary folder name next to ``final`` (same filesystem, so renames are atomic)."""
-    return final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+def write_local_shards(
+    folder: str | Path | Location,
+    splits: Mapping[str, Iterable[pa.Table]],
+    spec: FeatureSpec,
+    fingerprint: str = "local",
+) -> Manifest:
+    """Write and commit a shard folder from flat tables, one shard each (no Spark).
+
+    For tests, benchmarks and tools on machines without Spark.
+    """
+    attempt = new_attempt()
+    try:
+        infos = {
+            name: _write_tables(folder, f"{attempt}/{name}", tables, spec)
+            for name, tables in splits.items()
+        }
+        manifest = make_manifest(fingerprint, spec, infos)
+        commit(folder, attempt, manifest)
+    except BaseException:
+        abandon(folder, attempt)
+        raise
+    return manifest
+
+
+def _write_tables(
+    folder: str | Path | Location, prefix: str, tables: Iterable[pa.Table], spec: FeatureSpec
+) -> SplitInfo:
+    infos = []
+    for i, table in enumerate(tables):
+        info = write_shard(folder, f"{prefix}/part-{i:05d}.arrow", table.to_batches(), spec)
+        if info is not None:
+            infos.append(info)
+    return SplitInfo(rows=sum(s.rows for s in infos), shards=infos)

@@ -1,35 +1,55 @@
 """Spark DataFrames → Arrow IPC shards written by the executors, plus a manifest.
 
-Each split is repartitioned into ``n`` row-balanced partitions (a multiple of the number of ranks),
-and every executor task writes its partition as one Arrow IPC file with the layout the loader reads
-without copying: ``numeric`` as ``fixed_size_list<float32>[n_numeric]``, ``categorical`` as
-``fixed_size_list<int64>[n_categorical]``, ``label`` as ``int64``. Tasks return only the file's
-name, row count, size and sha256; the driver writes ``manifest.json`` last and renames the whole
-folder into place, so a folder with a manifest is never half-written.
+Each split is cut into ``n`` shards (a multiple of the number of ranks) by one of three strategies
+(:class:`~lepton_spark.config.ShardConfig`):
+
+- ``random``: every row gets a seeded random shard such that shard sizes differ by at most one
+  row. Rows are numbered globally (per-partition counts, then offsets); each block of ``n``
+  consecutive numbers is dealt to the ``n`` shards in a seeded random order.
+- ``hash``: ``repartition(n, key)``: all rows of a key in one shard; sizes follow the keys.
+- ``range``: ``repartitionByRange(n, key)``, sorted by the key within each shard; the manifest
+  records each shard's key bounds.
+
+Every executor task writes its partition as one shard file (see :mod:`lepton_spark.shardio`) and
+returns only its name, rows, size, checksum and key bounds; the driver writes the manifest last.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
-from pyspark.sql import DataFrame
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
-from lepton_spark.manifest import Manifest, ShardInfo, SplitInfo, read_manifest
-from lepton_spark.shardio import commit_folder, make_manifest, temporary_sibling, write_shard
+from lepton_spark.config import ShardConfig
+from lepton_spark.manifest import Manifest, ShardInfo, SplitInfo
+from lepton_spark.shardio import (
+    abandon,
+    commit,
+    make_manifest,
+    new_attempt,
+    row_bytes,
+    write_shard,
+)
 from lepton_spark.spec import FeatureSpec
+from lepton_spark.storage import Location, locate
 
 log = logging.getLogger(__name__)
 
-_RESULT_SCHEMA = "path string, rows long, bytes long, sha256 string"
+_RESULT_SCHEMA = "path string, rows long, bytes long, sha256 string, key_min string, key_max string"
+_SHARD_KEY = "_lepton_shard_key"
 
 
-def _writer(folder: str, split: str, spec: FeatureSpec):
+def _writer(folder: Location, prefix: str, spec: FeatureSpec, key: str | None):
     """The mapInArrow function: write this task's partition as one shard file."""
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -37,9 +57,12 @@ def _writer(folder: str, split: str, spec: FeatureSpec):
 
         ctx = TaskContext.get()
         part = ctx.partitionId() if ctx is not None else 0
-        info = write_shard(folder, f"{split}/part-{part:05d}.arrow", batches, spec)
+        info = write_shard(folder, f"{prefix}/part-{part:05d}.arrow", batches, spec, key)
         if info is not None:
-            yield pa.RecordBatch.from_pylist([info.model_dump()])
+            row = info.model_dump()
+            # Key bounds travel as JSON text: one result schema whatever the key's type.
+            row["key_min"], row["key_max"] = json.dumps(info.key_min), json.dumps(info.key_max)
+            yield pa.RecordBatch.from_pylist([row])
 
     return write
 
@@ -50,49 +73,161 @@ def num_shards(rows: int, num_workers: int, rows_per_shard: int) -> int:
     return math.ceil(wanted / num_workers) * num_workers
 
 
-def write_split(
-    df: DataFrame, folder: str, split: str, spec: FeatureSpec, shards: int
-) -> SplitInfo:
-    """Write one split as ``shards`` balanced files under ``folder/split/``."""
-    result = (
-        df.repartition(shards).mapInArrow(_writer(folder, split, spec), _RESULT_SCHEMA).collect()
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a well-mixed 64-bit hash of each element."""
+    with np.errstate(over="ignore"):
+        x = x.astype(np.uint64)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def balanced_shard_ids(first: int, rows: int, shards: int, seed: int) -> np.ndarray:
+    """Shard of each of the global row numbers ``first … first + rows - 1``.
+
+    Row ``g`` is in block ``g // shards``; each block deals its rows to all ``shards`` shards in
+    a seeded random order, so over any rows ``0 … N-1`` shard sizes differ by at most one.
+    A pure function of the row number: partitions compute their part independently.
+    """
+    g = np.arange(first, first + rows, dtype=np.int64)
+    if rows == 0:
+        return g
+    blocks = np.arange(g[0] // shards, g[-1] // shards + 1, dtype=np.int64)
+    slots = np.arange(shards, dtype=np.int64)
+    salt = _mix64(np.array([seed], dtype=np.int64) + np.int64(0x9E3779B97F4A7C15 % 2**63))[0]
+    scores = _mix64((blocks[:, None] * shards + slots[None, :]).astype(np.uint64) ^ salt)
+    permutations = np.argsort(scores, axis=1, kind="stable")
+    return permutations[g // shards - blocks[0], g % shards]
+
+
+def _partition_keys(spark: SparkSession, n: int) -> list[int]:
+    """For each ``k < n`` a long whose Spark hash partition among ``n`` is ``k``.
+
+    ``repartition(n, col)`` places a row in ``pmod(hash(col), n)``; giving shard ``k`` the key
+    found here puts exactly shard ``k``'s rows in partition ``k``.
+    """
+    rows = (
+        spark.range(0, 64 * n + 1024)
+        .select("id", F.expr(f"pmod(hash(id), {n})").alias("p"))
+        .groupBy("p")
+        .agg(F.min("id").alias("id"))
+        .collect()
     )
-    infos = sorted((ShardInfo(**r.asDict()) for r in result), key=lambda s: s.path)
+    keys = {int(r["p"]): int(r["id"]) for r in rows}
+    missing = [k for k in range(n) if k not in keys]
+    if missing:  # cannot happen for any sane n; a loud failure beats silent imbalance
+        raise RuntimeError(f"no hash key found for partitions {missing[:5]} of {n}")
+    return [keys[k] for k in range(n)]
+
+
+def _random_partitions(df: DataFrame, n: int, seed: int) -> DataFrame:
+    """``df`` in ``n`` partitions of seeded random rows, sizes within one row of each other."""
+    counts = {
+        int(r["p"]): int(r["count"])
+        for r in df.groupBy(F.spark_partition_id().alias("p")).count().collect()
+    }
+    offsets, total = {}, 0
+    for p in sorted(counts):
+        offsets[p], total = total, total + counts[p]
+    keys = np.array(_partition_keys(df.sparkSession, n), dtype=np.int64)
+
+    def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        first = offsets.get(ctx.partitionId() if ctx is not None else 0, 0)
+        for batch in batches:
+            shard = balanced_shard_ids(first, batch.num_rows, n, seed)
+            first += batch.num_rows
+            yield batch.append_column(_SHARD_KEY, pa.array(keys[shard]))
+
+    # A new StructType: ``df.schema.add`` would change the DataFrame's own cached schema.
+    schema = T.StructType([*df.schema.fields, T.StructField(_SHARD_KEY, T.LongType(), False)])
+    return df.mapInArrow(assign, schema).repartition(n, _SHARD_KEY)
+
+
+def partition_for_shards(df: DataFrame, n: int, cfg: ShardConfig) -> DataFrame:
+    """``df`` repartitioned so that each of its ``n`` partitions is one shard."""
+    if cfg.strategy == "hash":
+        return df.repartition(n, F.col(str(cfg.key)))
+    if cfg.strategy == "range":
+        return df.repartitionByRange(n, F.col(str(cfg.key))).sortWithinPartitions(str(cfg.key))
+    return _random_partitions(df, n, cfg.seed)
+
+
+def write_split(
+    df: DataFrame,
+    folder: Location,
+    prefix: str,
+    spec: FeatureSpec,
+    shards: int,
+    cfg: ShardConfig,
+) -> SplitInfo:
+    """Write one split as up to ``shards`` files under ``folder/prefix/`` (empty ones skipped)."""
+    key = cfg.key if cfg.strategy == "range" else None
+    parts = partition_for_shards(df, shards, cfg)
+    result = parts.mapInArrow(_writer(folder, prefix, spec, key), _RESULT_SCHEMA).collect()
+    infos = []
+    for r in result:
+        row = r.asDict()
+        row["key_min"], row["key_max"] = json.loads(row["key_min"]), json.loads(row["key_max"])
+        infos.append(ShardInfo(**row))
+    infos.sort(key=lambda s: s.path)
     return SplitInfo(rows=sum(s.rows for s in infos), shards=infos)
 
 
 @dataclass(frozen=True)
 class ShardSet:
-    folder: Path
+    """A committed shard folder, and whether this run wrote it or found it."""
+
+    folder: str
     manifest: Manifest
+    reused: bool = False
 
 
 def write_shards(
-    splits: dict[str, DataFrame],
+    splits: Mapping[str, DataFrame],
     spec: FeatureSpec,
-    root: str | Path,
-    fingerprint: str,
+    folder: str | Location,
+    cfg: ShardConfig,
+    *,
     num_workers: int,
-    rows_per_shard: int,
-    estimated_rows: dict[str, int],
+    estimated_rows: Mapping[str, int],
+    fingerprint: str,
+    source: Mapping[str, Any] | None = None,
 ) -> ShardSet:
-    """Write every split into ``root/fingerprint`` and commit it atomically.
+    """Write every split into ``folder`` and commit it (see :mod:`lepton_spark.shardio`).
 
-    The files go to a temporary sibling folder first; the manifest is written last, and the folder
-    is renamed into place only then. A failure removes the temporary folder; an earlier committed
-    folder under the same name is replaced only by a complete new one.
+    The files go to a new attempt subfolder; the manifest is written last. A failure removes the
+    attempt and leaves an earlier committed content of ``folder`` as it was.
     """
-    final = Path(root).resolve() / fingerprint
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(final)
+    place = locate(folder)
+    attempt = new_attempt()
+    target_rows = cfg.target_rows(row_bytes(spec))
     try:
         infos = {}
         for name, df in splits.items():
-            shards = num_shards(estimated_rows[name], num_workers, rows_per_shard)
-            infos[name] = write_split(df, str(tmp), name, spec, shards)
-            log.info("wrote %s: %d rows in %d shards", name, infos[name].rows, shards)
-        commit_folder(tmp, final, make_manifest(fingerprint, spec, infos))
+            n = num_shards(estimated_rows[name], num_workers, target_rows)
+            cached = df.persist(StorageLevel.MEMORY_AND_DISK)
+            try:
+                infos[name] = write_split(cached, place, f"{attempt}/{name}", spec, n, cfg)
+            finally:
+                cached.unpersist()
+            log.info("wrote %s: %d rows in %d shards", name, infos[name].rows, n)
+        manifest = make_manifest(
+            fingerprint,
+            spec,
+            infos,
+            strategy=cfg.strategy,
+            key=cfg.key,
+            source=source,
+            num_workers=num_workers,
+        )
+        commit(place, attempt, manifest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        abandon(place, attempt)
         raise
-    return ShardSet(folder=final, manifest=read_manifest(final))
+    return ShardSet(folder=place.uri, manifest=manifest)

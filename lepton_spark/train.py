@@ -124,21 +124,22 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
     cfg = spec.train
     rank, size = hvd.rank(), hvd.size()
     torch.set_num_threads(_threads(cfg, hvd.local_size()))
-    device = choose_device(cfg.device, hvd.local_rank())
     manifest: Manifest = read_manifest(spec.shard_folder)
     features = manifest.feature_spec
     train_split, val_split = manifest.split("train"), manifest.split("validation")
-    steps = train_split.steps_per_epoch(size, cfg.batch_size)
-    if steps == 0:
-        rows = train_split.rows_per_rank(size)
+    steps = train_split.steps_per_epoch(size, cfg.batch_size, cfg.tail)
+    rows_per_rank = train_split.rows_per_rank(size)
+    if steps == 0 or min(rows_per_rank) == 0:
         raise ValueError(
             f"rank {rank}: too few training rows for {size} ranks × batch {cfg.batch_size} "
-            f"(rows per rank: {rows}); lower train.batch_size or train.num_workers"
+            f"(rows per rank: {rows_per_rank}); lower train.batch_size or train.num_workers"
         )
+    device = choose_device(cfg.device, hvd.local_rank())
     common = {
         "n_numeric": len(features.numeric),
         "n_categorical": len(features.categorical),
         "verify": spec.verify_shards,
+        "pin_memory": device.type == "cuda",
     }
     train_loader = ShardLoader(
         spec.shard_folder,
@@ -146,6 +147,8 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
         batch_size=cfg.batch_size,
         steps=steps,
         shuffle=cfg.shuffle,
+        shuffle_buffer=cfg.shuffle_buffer,
+        tail=cfg.tail,
         seed=cfg.seed + 7919 * rank,
         **common,
     )

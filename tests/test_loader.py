@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from lepton_spark.loader import ShardLoader
-from lepton_spark.shardio import write_local_split
+from lepton_spark.loader import ShardLoader, record_batches
+from lepton_spark.shardio import write_local_shards
 from lepton_spark.spec import CategoricalFeature, FeatureSpec
 
 SPEC = FeatureSpec(
@@ -36,8 +38,8 @@ def chunked_table(start: int, rows: int, chunk: int) -> pa.Table:
 @pytest.fixture()
 def shards(tmp_path):
     tables = [chunked_table(0, 100, 30), chunked_table(100, 70, 25), chunked_table(170, 45, 45)]
-    split = write_local_split(tmp_path, "train", tables, SPEC)
-    return tmp_path, split
+    manifest = write_local_shards(tmp_path, {"train": tables}, SPEC)
+    return tmp_path, manifest.split("train")
 
 
 def loader(shards, **kw) -> ShardLoader:
@@ -83,3 +85,71 @@ def test_a_batch_inside_one_record_batch_shares_the_mapped_file(shards):
     base = batches[0].numeric.untyped_storage().data_ptr()
     assert batches[1].numeric.untyped_storage().data_ptr() == base
     assert batches[2].numeric.untyped_storage().data_ptr() == base
+
+
+def shard_of(row_id: int) -> int:
+    return 0 if row_id < 100 else 1 if row_id < 170 else 2
+
+
+def test_the_shuffle_buffer_mixes_rows_across_shards(shards):
+    data = loader(shards, batch_size=50, shuffle=True, seed=1, shuffle_buffer=215)
+    first = next(iter(data.epoch(0)))
+    assert len({shard_of(int(v)) for v in first.numeric[:, 0]}) > 1
+    # With a buffer of one record batch, rows mix only inside it.
+    small = loader(shards, batch_size=20, shuffle=True, seed=1, shuffle_buffer=1, prefetch=0)
+    for batch in small.epoch(0):
+        assert len({shard_of(int(v)) for v in batch.numeric[:, 0]}) <= 2
+
+
+def test_pad_tail_wraps_around_to_reach_the_steps(shards):
+    # 215 rows, batch 32: 7 steps need 224 rows, so 9 rows come round again.
+    padded = loader(shards, batch_size=32, steps=7, tail="pad", shuffle=True, seed=3)
+    batches = list(padded.epoch(0))
+    assert [len(b) for b in batches] == [32] * 7
+    seen = ids(batches)
+    assert set(seen) == set(range(215)) and len(seen) == 224
+    with pytest.raises(ValueError, match="needs the number of steps"):
+        loader(shards, batch_size=32, tail="pad")
+
+
+def test_three_shards_over_two_ranks_give_equal_steps_with_either_tail(shards):
+    folder, split = shards  # 100, 70 and 45 rows: rank 0 gets 100, rank 1 gets 70 + 45
+    assert split.rows_per_rank(2) == [100, 115]
+    for tail, steps in (("drop", 100 // 16), ("pad", -(-115 // 16))):
+        assert split.steps_per_epoch(2, 16, tail) == steps
+        counts = []
+        for rank in range(2):
+            data = ShardLoader(
+                folder,
+                split.for_rank(rank, 2),
+                n_numeric=2,
+                n_categorical=1,
+                batch_size=16,
+                steps=steps,
+                tail=tail,
+                shuffle=True,
+            )
+            counts.append([len(b) for b in data.epoch(1)])
+        assert counts[0] == counts[1] == [16] * steps
+
+
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where ``path`` is memory-mapped in this process (Linux)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_numeric_tensors_are_the_mapped_file_itself(shards):
+    folder, split = shards
+    place = (Path(folder) / split.shards[0].path).resolve()
+    batch = next(record_batches(place, n_numeric=2, n_categorical=1))
+    # No copy: each tensor's data lies inside the shard file's memory mapping.
+    for tensor in batch.tensors():
+        address = tensor.data_ptr()
+        assert any(start <= address < end for start, end in mapped_ranges(place)), tensor

@@ -17,20 +17,24 @@ import pytest
 from mlflow import MlflowClient
 
 from lepton_spark import run_pipeline
+from lepton_spark.config import PipelineConfig
 from lepton_spark.loader import record_batches
 from lepton_spark.manifest import read_manifest
+from lepton_spark.pipeline import materialize_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def validation_frame(folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
+def validation_frame(folder: str) -> tuple[pd.DataFrame, np.ndarray]:
     """The validation split as the model's input frame, read from the shards."""
     manifest = read_manifest(folder)
     spec = manifest.feature_spec
     frames, labels = [], []
     for shard in manifest.split("validation").shards:
-        for b in record_batches(folder / shard.path, len(spec.numeric), len(spec.categorical)):
+        for b in record_batches(
+            Path(folder) / shard.path, len(spec.numeric), len(spec.categorical)
+        ):
             frame = pd.DataFrame(b.numeric.numpy(), columns=spec.numeric)
             for i, name in enumerate(spec.categorical_names):
                 frame[name] = b.categorical[:, i].numpy()
@@ -40,6 +44,7 @@ def validation_frame(folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def check_tracked_run(client: MlflowClient, result, epochs: int) -> None:
+    mlflow.set_tracking_uri(result.tracking_uri)  # as a user does to read the run back
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == str(epochs)
@@ -56,6 +61,7 @@ def check_tracked_run(client: MlflowClient, result, epochs: int) -> None:
 
 def check_model_predicts(result) -> None:
     """The logged model loads with pyfunc and reproduces the validation accuracy of training."""
+    mlflow.set_tracking_uri(result.tracking_uri)
     frame, labels = validation_frame(result.shard_folder)
     model = mlflow.pyfunc.load_model(result.model_uri)
     probabilities = np.asarray(model.predict(frame))
@@ -135,6 +141,9 @@ def test_the_same_pipeline_tracks_to_an_mlflow_server_on_loopback(
     result = run_pipeline(demo_config, spark=spark, tracking_uri=mlflow_server, progress=print)
     assert result.tracking_uri == mlflow_server
     assert not (tmp_path / "mlruns-data").exists()  # nothing went to the local store
+    # The server is this run's target only: the next run in this process resolves its own.
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert not mlflow.is_tracking_uri_set()
     check_tracked_run(MlflowClient(mlflow_server), result, epochs=2)
     check_model_predicts(result)
 
@@ -203,3 +212,78 @@ def test_cli_missing_source_path_is_named(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("missing").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "does not exist" in runs[0].data.tags["error"]
+
+
+def parquet_pipeline(tmp_path: Path, source: Path) -> PipelineConfig:
+    return PipelineConfig.model_validate(
+        {
+            "name": "reuse",
+            "sources": {"facts": {"format": "parquet", "path": str(source)}},
+            "features": {"numeric": ["a"], "categorical": ["c"], "label": "y"},
+            "shards": {"root": str(tmp_path / "shards"), "rows_per_shard": 200},
+        }
+    )
+
+
+def attempt_of(shard_set) -> str:
+    return shard_set.manifest.split("train").shards[0].path.split("/")[0]
+
+
+def test_shards_are_reused_by_fingerprint_and_rebuilt_on_demand(spark, tmp_path, caplog):
+    source = tmp_path / "facts"
+    frame = spark.range(1_000).selectExpr(
+        "id * 0.5 AS a", "CAST(id % 5 AS STRING) AS c", "id % 2 AS y"
+    )
+    frame.write.parquet(str(source))
+    cfg = parquet_pipeline(tmp_path, source)
+
+    first = materialize_shards(spark, cfg)
+    assert not first.reused
+    with caplog.at_level("INFO", logger="lepton_spark.pipeline"):
+        again = materialize_shards(spark, cfg)
+    assert again.reused and again.folder == first.folder
+    assert again.manifest == first.manifest
+    assert "reusing the shards" in caplog.text
+
+    rebuilt = materialize_shards(spark, cfg, rebuild=True)
+    assert not rebuilt.reused and rebuilt.folder == first.folder
+    assert attempt_of(rebuilt) != attempt_of(first)
+    assert [p.name for p in Path(first.folder).iterdir() if p.is_dir()] == [attempt_of(rebuilt)]
+
+    # New input data (a file added): a new fingerprint, a new folder.
+    frame.limit(10).write.mode("append").parquet(str(source))
+    changed = materialize_shards(spark, cfg)
+    assert not changed.reused and changed.folder != first.folder
+    assert sum(s.rows for s in changed.manifest.splits.values()) == 1_010
+    # A changed transform or feature spec gives a new folder too.
+    other = materialize_shards(spark, cfg.with_overrides({"split.seed": 7}))
+    assert other.folder not in (first.folder, changed.folder)
+    # A committed folder whose files no longer match is not reused but rewritten.
+    shard = changed.manifest.split("train").shards[0]
+    (Path(changed.folder) / shard.path).unlink()
+    assert not materialize_shards(spark, cfg).reused
+
+
+@pytest.mark.slow
+def test_a_skewed_hash_split_trains_on_two_ranks_without_hanging(spark, demo_config):
+    # 70% of the rows share one key: one shard outweighs all the others.
+    cfg = demo_config.with_overrides(
+        {
+            "transform": "SELECT *, x1 * x2 AS x1_x2, "
+            "IF(x0 > -0.52, 0, abs(hash(x1)) % 40 + 1) AS user_id FROM events",
+            "shards.strategy": "hash",
+            "shards.key": "user_id",
+            "train.tail": "pad",
+            "train.epochs": 1,
+        }
+    )
+    result = run_pipeline(cfg, spark=spark, progress=lambda e: None)
+    assert result.metrics["val_accuracy"] > 0.7
+    skew = read_manifest(result.shard_folder).skew["train"]
+    assert skew.rank_max_over_mean > 1.25
+    assert any("rank rows are skewed" in w for w in result.warnings)
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.data.metrics["skew_train_rank_max_over_mean"] == pytest.approx(
+        skew.rank_max_over_mean
+    )
+    assert run.data.tags["shards.strategy"] == "hash"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +10,11 @@ import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
-from lepton_spark.config import FeatureSpecConfig
+from lepton_spark.config import FeatureSpecConfig, ShardConfig
 from lepton_spark.etl import DataError, build_features
-from lepton_spark.loader import record_batches
+from lepton_spark.loader import ShardLoader, record_batches
 from lepton_spark.manifest import ShardError, read_manifest, sha256_file, verify_shard
-from lepton_spark.shards import num_shards, write_shards
+from lepton_spark.shards import balanced_shard_ids, num_shards, write_shards
 
 SPEC = FeatureSpecConfig(numeric=["a", "b"], categorical=["color"], label="y", num_classes=3)
 
@@ -33,23 +34,39 @@ def table(spark):
     return spark.createDataFrame(pdf).repartition(3)
 
 
-def read_rows(folder: Path, split) -> pd.DataFrame:
+def write(df, spec, folder, workers=2, rows_per_shard=1_000, **shard_cfg):
+    cfg = ShardConfig(rows_per_shard=rows_per_shard, **shard_cfg)
+    return write_shards(
+        {"train": df},
+        spec,
+        str(folder),
+        cfg,
+        num_workers=workers,
+        estimated_rows={"train": 5_003},
+        fingerprint="fp",
+    )
+
+
+def read_rows(folder, split) -> pd.DataFrame:
+    return pd.concat([shard_rows(folder, shard) for shard in split.shards], ignore_index=True)
+
+
+def shard_rows(folder, shard) -> pd.DataFrame:
     parts = []
-    for shard in split.shards:
-        for batch in record_batches(folder / shard.path, n_numeric=2, n_categorical=1):
-            assert batch.numeric.dtype.is_floating_point and batch.numeric.dtype.itemsize == 4
-            assert str(batch.categorical.dtype) == "torch.int64"
-            assert str(batch.label.dtype) == "torch.int64"
-            parts.append(
-                pd.DataFrame(
-                    {
-                        "a": batch.numeric[:, 0].numpy(),
-                        "b": batch.numeric[:, 1].numpy(),
-                        "color": batch.categorical[:, 0].numpy(),
-                        "y": batch.label.numpy(),
-                    }
-                )
+    for batch in record_batches(Path(folder) / shard.path, n_numeric=2, n_categorical=1):
+        assert batch.numeric.dtype.is_floating_point and batch.numeric.dtype.itemsize == 4
+        assert str(batch.categorical.dtype) == "torch.int64"
+        assert str(batch.label.dtype) == "torch.int64"
+        parts.append(
+            pd.DataFrame(
+                {
+                    "a": batch.numeric[:, 0].numpy(),
+                    "b": batch.numeric[:, 1].numpy(),
+                    "color": batch.categorical[:, 0].numpy(),
+                    "y": batch.label.numpy(),
+                }
             )
+        )
     return pd.concat(parts, ignore_index=True)
 
 
@@ -62,15 +79,7 @@ def test_shards_round_trip_rows_values_and_dtypes(table, tmp_path):
     assert rows == 5_003
     # Categories by frequency; index 0 is reserved for null/unknown.
     assert spec.categorical[0].vocabulary == ["red", "green", "blue"]
-    shard_set = write_shards(
-        {"train": features},
-        spec,
-        root=tmp_path,
-        fingerprint="fp",
-        num_workers=2,
-        rows_per_shard=1_000,
-        estimated_rows={"train": rows},
-    )
+    shard_set = write(features, spec, tmp_path / "fp")
     split = shard_set.manifest.split("train")
     assert len(split.shards) == num_shards(rows, 2, 1_000) == 6
     assert split.rows == rows == sum(s.rows for s in split.shards)
@@ -81,19 +90,17 @@ def test_shards_round_trip_rows_values_and_dtypes(table, tmp_path):
     assert set(got["color"]) == {0, 1, 2, 3}  # the nulls became index 0
 
     for shard in split.shards:
-        path = shard_set.folder / shard.path
+        path = Path(shard_set.folder) / shard.path
         assert path.stat().st_size == shard.bytes
         assert sha256_file(path) == shard.sha256
-    # Round-robin repartitioning keeps shards balanced.
+    # The random strategy deals rows out evenly: shard sizes differ by at most one row.
     sizes = [s.rows for s in split.shards]
-    assert max(sizes) - min(sizes) <= 3
+    assert max(sizes) - min(sizes) <= 1
 
 
 def test_every_shard_goes_to_exactly_one_rank(table, tmp_path):
     features, spec, rows = build_features(table, SPEC)
-    split = write_shards(
-        {"train": features}, spec, tmp_path, "fp", 2, 700, {"train": rows}
-    ).manifest.split("train")
+    split = write(features, spec, tmp_path / "fp", rows_per_shard=700).manifest.split("train")
     for size in (1, 2, 3, 4):
         assigned = [s.path for r in range(size) for s in split.for_rank(r, size)]
         assert sorted(assigned) == sorted(s.path for s in split.shards)
@@ -104,44 +111,43 @@ def test_every_shard_goes_to_exactly_one_rank(table, tmp_path):
 
 
 def test_a_failed_write_leaves_no_folder_behind(table, tmp_path):
-    features, spec, rows = build_features(table, SPEC)
+    features, spec, _ = build_features(table, SPEC)
     boom = F.udf(lambda v: 1 // 0 if v > 2.5 else v, "double")
     broken = features.withColumn("a", boom("a"))
     with pytest.raises(Exception, match="ZeroDivisionError"):
-        write_shards({"train": broken}, spec, tmp_path, "fp", 2, 1_000, {"train": rows})
+        write(broken, spec, tmp_path / "fp")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_committed_folder_is_replaced_only_by_a_whole_one(table, tmp_path):
-    features, spec, rows = build_features(table, SPEC)
-    first = write_shards({"train": features}, spec, tmp_path, "fp", 2, 1_000, {"train": rows})
-    created = first.manifest.created_at
+    features, spec, _ = build_features(table, SPEC)
+    first = write(features, spec, tmp_path / "fp")
     boom = F.udf(lambda v: 1 // 0 if v > 2.5 else v, "double")
     with pytest.raises(Exception, match="ZeroDivisionError"):
-        write_shards(
-            {"train": features.withColumn("a", boom("a"))},
-            spec,
-            tmp_path,
-            "fp",
-            2,
-            1_000,
-            {"train": rows},
-        )
+        write(features.withColumn("a", boom("a")), spec, tmp_path / "fp")
     assert [p.name for p in tmp_path.iterdir()] == ["fp"]
-    assert read_manifest(tmp_path / "fp").created_at == created
+    assert read_manifest(tmp_path / "fp") == first.manifest
+    attempts = [p.name for p in (tmp_path / "fp").iterdir() if p.is_dir()]
+    assert attempts == [first.manifest.split("train").shards[0].path.split("/")[0]]
+    # A complete rewrite replaces the old attempt.
+    second = write(features, spec, tmp_path / "fp")
+    assert read_manifest(tmp_path / "fp") == second.manifest
+    assert [p.name for p in (tmp_path / "fp").iterdir() if p.is_dir()] == [
+        second.manifest.split("train").shards[0].path.split("/")[0]
+    ]
 
 
 def test_a_corrupted_or_truncated_shard_is_refused(table, tmp_path):
-    features, spec, rows = build_features(table, SPEC)
-    shard_set = write_shards({"train": features}, spec, tmp_path, "fp", 2, 1_000, {"train": rows})
+    features, spec, _ = build_features(table, SPEC)
+    shard_set = write(features, spec, tmp_path / "fp")
     first, second = shard_set.manifest.split("train").shards[:2]
-    path = shard_set.folder / first.path
+    path = Path(shard_set.folder) / first.path
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(ShardError, match="sha256"):
         verify_shard(shard_set.folder, first)
-    other = shard_set.folder / second.path
+    other = Path(shard_set.folder) / second.path
     other.write_bytes(other.read_bytes()[:-10])
     with pytest.raises(ShardError, match="bytes on disk"):
         verify_shard(shard_set.folder, second)
@@ -158,3 +164,98 @@ def test_bad_columns_are_named_before_anything_is_written(spark):
     with_nan = spark.createDataFrame([(float("nan"), 0), (1.0, 1)], "a double, y long")
     with pytest.raises(DataError, match="'a': 1 rows"):
         build_features(with_nan, FeatureSpecConfig(numeric=["a"], label="y"))
+
+
+def test_balanced_shard_ids_deal_every_block_to_every_shard():
+    ids = np.concatenate([balanced_shard_ids(0, 37, 8, seed=1), balanced_shard_ids(37, 60, 8, 1)])
+    np.testing.assert_array_equal(ids, balanced_shard_ids(0, 97, 8, seed=1))  # split anywhere
+    counts = np.bincount(ids, minlength=8)
+    assert counts.max() - counts.min() <= 1
+    for block in range(97 // 8):
+        assert sorted(ids[block * 8 : block * 8 + 8]) == list(range(8))
+    assert not np.array_equal(ids, balanced_shard_ids(0, 97, 8, seed=2))
+
+
+def test_random_strategy_is_seeded_and_mixes_rows(table, tmp_path):
+    features, spec, _ = build_features(table, SPEC)
+    one = write(features, spec, tmp_path / "one", seed=1).manifest.split("train")
+    again = write(features, spec, tmp_path / "again", seed=1).manifest.split("train")
+    other = write(features, spec, tmp_path / "other", seed=2).manifest.split("train")
+    # Same seed: the same rows in each shard (row order inside a shard is not promised).
+    for a, b in zip(one.shards, again.shards, strict=True):
+        pd.testing.assert_frame_equal(
+            sort_rows(shard_rows(tmp_path / "one", a)), sort_rows(shard_rows(tmp_path / "again", b))
+        )
+    first = sort_rows(shard_rows(tmp_path / "one", one.shards[0]))
+    assert not first.equals(sort_rows(shard_rows(tmp_path / "other", other.shards[0])))
+    # Every shard is a sample of the whole: its mean of `a` is near the overall mean.
+    overall = read_rows(tmp_path / "one", one)["a"]
+    for shard in one.shards:
+        assert abs(shard_rows(tmp_path / "one", shard)["a"].mean() - overall.mean()) < 0.15
+
+
+def test_hash_strategy_keeps_every_key_in_one_shard(table, tmp_path):
+    features, spec, _ = build_features(table, SPEC)
+    shard_set = write(features, spec, tmp_path / "fp", strategy="hash", key="b")
+    split = shard_set.manifest.split("train")
+    owner: dict[float, int] = {}
+    for i, shard in enumerate(split.shards):
+        for key in set(shard_rows(shard_set.folder, shard)["b"]):
+            assert owner.setdefault(key, i) == i, f"key {key} in shards {owner[key]} and {i}"
+    assert len(owner) == 100
+    assert shard_set.manifest.strategy == "hash" and shard_set.manifest.key == "b"
+    skew = shard_set.manifest.skew["train"]
+    assert sum(skew.rows_per_rank) == split.rows == 5_003
+    assert skew.rank_max_over_mean == pytest.approx(max(skew.rows_per_rank) / (5_003 / 2), 1e-3)
+
+
+def test_range_strategy_gives_ordered_non_overlapping_shards(table, tmp_path):
+    features, spec, _ = build_features(table, SPEC)
+    shard_set = write(features, spec, tmp_path / "fp", strategy="range", key="a")
+    shards = shard_set.manifest.split("train").shards
+    assert len(shards) == 6
+    for shard in shards:
+        values = shard_rows(shard_set.folder, shard)["a"]
+        assert values.is_monotonic_increasing  # sorted by the key within the shard
+        assert (values.min(), values.max()) == pytest.approx((shard.key_min, shard.key_max))
+    for left, right in itertools.pairwise(shards):
+        assert left.key_max <= right.key_min
+    sizes = [s.rows for s in shards]
+    assert max(sizes) < 2 * min(sizes)  # range bounds come from a sample: roughly even
+
+
+def test_skew_is_reported_and_ranks_balanced_by_rows(spark, tmp_path):
+    # One key holds 70% of the rows: that shard alone outweighs the rest.
+    df = spark.range(4_000).selectExpr(
+        "CAST(id AS DOUBLE) AS a",
+        "CAST(id % 7 AS DOUBLE) AS b",
+        "'x' AS color",
+        "IF(id < 2800, 0, id % 50 + 1) AS user",
+        "CAST(id % 3 AS LONG) AS y",
+    )
+    features, spec, _ = build_features(df, SPEC, keep=("user",))
+    shard_set = write(
+        features, spec, tmp_path / "fp", workers=2, rows_per_shard=500, strategy="hash", key="user"
+    )
+    split = shard_set.manifest.split("train")
+    skew = shard_set.manifest.skew["train"]
+    assert max(skew.rows_per_shard) >= 2_800
+    assert skew.rank_max_over_mean >= 1.4
+    # The big shard gets a rank to itself; every other shard goes to the other rank.
+    big = max(split.shards, key=lambda s: s.rows)
+    assert split.assignment(2)[0] == [big] or split.assignment(2)[1] == [big]
+
+
+def test_shards_go_through_pyarrow_fs_uris(table, tmp_path):
+    features, spec, _ = build_features(table, SPEC)
+    uri = (tmp_path / "fp").as_uri()  # file:///...
+    shard_set = write(features, spec, uri)
+    # A file:// URI lands on the local disk, where the loader memory-maps the shards.
+    assert shard_set.folder == str(tmp_path / "fp")
+    assert (tmp_path / "fp" / "manifest.json").is_file()
+    assert read_manifest(uri) == shard_set.manifest
+    split = shard_set.manifest.split("train")
+    loader = ShardLoader(
+        uri, split.shards, n_numeric=2, n_categorical=1, batch_size=1_000, drop_last=False
+    )
+    assert sum(len(b) for b in loader.epoch(0)) == 5_003

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lepton_spark.barrier import run_barrier
 from lepton_spark.config import ModelConfig, TrainConfig
 from lepton_spark.models import build_model
-from lepton_spark.shardio import commit_folder, make_manifest, temporary_sibling, write_local_split
+from lepton_spark.shardio import write_local_shards
 from lepton_spark.spec import CategoricalFeature, FeatureSpec
 from lepton_spark.train import TrainSpec, train_rank, train_worker
 
@@ -38,13 +38,7 @@ def flat_table(rng: np.random.Generator, rows: int) -> pa.Table:
 
 
 def make_shards(folder, train_tables, val_tables):
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(folder)
-    splits = {
-        "train": write_local_split(tmp, "train", train_tables, SPEC),
-        "validation": write_local_split(tmp, "validation", val_tables, SPEC),
-    }
-    commit_folder(tmp, folder, make_manifest("test", SPEC, splits))
+    write_local_shards(folder, {"train": train_tables, "validation": val_tables}, SPEC)
     return folder
 
 

@@ -1,0 +1,102 @@
+"""Where shard folders live: a local path or any ``pyarrow.fs`` URI (``file://``, ``hdfs://``, ``s3://``).
+
+The few file operations the data path needs, written once against ``pyarrow.fs`` so that local
+disks, HDFS and object stores go through the same code. No Spark, no MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+from pyarrow import fs as pafs
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder or file on some filesystem: ``fs`` and the path inside it."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str = ""  # how a user names this place (the path itself when local)
+
+    def __post_init__(self) -> None:
+        if not self.uri:
+            object.__setattr__(self, "uri", self.path)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def child(self, *parts: str) -> Location:
+        return Location(
+            self.fs,
+            "/".join([self.path.rstrip("/"), *parts]),
+            "/".join([self.uri.rstrip("/"), *parts]),
+        )
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self.fs.get_file_info(self.path).type == pafs.FileType.File
+
+    def size(self) -> int:
+        info = self.fs.get_file_info(self.path)
+        if info.type != pafs.FileType.File or info.size is None:
+            raise FileNotFoundError(self.uri)
+        return int(info.size)
+
+    def read_text(self) -> str:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read().decode()
+
+    def write_text_atomic(self, text: str) -> None:
+        """Write a small file so that readers see the old content or the new, never a part.
+
+        A temporary sibling is written and moved over the target: a rename on local disks and
+        HDFS; on object stores a single object write is atomic by itself.
+        """
+        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(text.encode())
+        self.fs.move(tmp, self.path)
+
+    def sha256(self, chunk: int = 8 << 20) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open_input_stream(self.path) as f:
+            while block := f.read(chunk):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def open_for_reading(self) -> pa.NativeFile:
+        """A random-access handle: memory-mapped when local (zero copy), else a remote file."""
+        if self.is_local:
+            return pa.memory_map(self.path, "r")
+        return self.fs.open_input_file(self.path)
+
+    def subfolders(self) -> list[str]:
+        if not self.exists():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def delete_folder(self) -> None:
+        if self.exists():
+            self.fs.delete_dir(self.path)
+
+
+def locate(where: str | Path | Location) -> Location:
+    """A :class:`Location` for a local path (relative paths made absolute) or a URI."""
+    if isinstance(where, Location):
+        return where
+    text = str(where)
+    if "://" in text:
+        filesystem, path = pafs.FileSystem.from_uri(text)
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            return Location(filesystem, path)
+        return Location(filesystem, path, text)
+    return Location(pafs.LocalFileSystem(), str(Path(text).resolve()))
