@@ -1,6 +1,7 @@
 # lepton-spark: everything a fresh machine needs, from the project's own files.
 #   make demo   set up .venv and run the demo pipeline (1M rows, 2 Horovod ranks, MLflow)
 #   make test   set up .venv and run the whole test suite
+#   make bench  the data-path benchmarks (ratios printed, JSON in benchmarks/results/)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -8,7 +9,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lepton-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format lock clean
+.PHONY: setup demo test test-fast lint format lock clean bench bench-data-path bench-memory \
+	bench-scaling bench-petastorm bench-petastorm-env
 
 $(STAMP): pyproject.toml constraints.txt scripts/install_horovod.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,32 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Benchmarks: measured side by side in one run, never timed tests (shared machines are noisy).
+bench: bench-data-path bench-memory bench-scaling bench-petastorm
+
+bench-data-path: setup
+	$(BIN)/python -m benchmarks.data_path
+
+bench-memory: setup
+	$(BIN)/python -m benchmarks.memory
+
+bench-scaling: setup
+	$(BIN)/python -m benchmarks.scaling
+
+bench-petastorm: setup bench-petastorm-env
+	$(BIN)/python -m benchmarks.vs_petastorm
+
+# Petastorm 0.12.1 (its last release) imports pyarrow.filesystem, gone since pyarrow 13: it gets an
+# environment of its own, outside the project's.
+PETASTORM_STAMP := .venv-petastorm/.installed
+bench-petastorm-env: $(PETASTORM_STAMP)
+
+$(PETASTORM_STAMP):
+	@test -x .venv-petastorm/bin/python || $(PYTHON) -m venv .venv-petastorm
+	.venv-petastorm/bin/python -m pip install --quiet --disable-pip-version-check \
+	  "torch==2.13.0" "pyspark==4.3.0" "pyarrow==12.0.1" "pandas<2.2" "numpy<2" "petastorm==0.12.1"
+	@touch $@
 
 lint: setup
 	$(BIN)/ruff check .

@@ -5,7 +5,7 @@ Each split is cut into ``n`` shards (a multiple of the number of ranks) by one o
 
 - ``random``: every row gets a seeded random shard such that shard sizes differ by at most one
   row. Rows are numbered globally (per-partition counts, then offsets); each block of ``n``
-  consecutive numbers is dealt to the ``n`` shards in a seeded random order.
+  consecutive numbers is dealt to the ``n`` shards with a seeded random rotation.
 - ``hash``: ``repartition(n, key)``: all rows of a key in one shard; sizes follow the keys.
 - ``range``: ``repartitionByRange(n, key)``, sorted by the key within each shard; the manifest
   records each shard's key bounds.
@@ -23,12 +23,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from lepton_spark.config import ShardConfig
 from lepton_spark.manifest import Manifest, ShardInfo, SplitInfo
@@ -73,42 +71,18 @@ def num_shards(rows: int, num_workers: int, rows_per_shard: int) -> int:
     return math.ceil(wanted / num_workers) * num_workers
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a well-mixed 64-bit hash of each element."""
-    with np.errstate(over="ignore"):
-        x = x.astype(np.uint64)
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
-
-
-def balanced_shard_ids(first: int, rows: int, shards: int, seed: int) -> np.ndarray:
-    """Shard of each of the global row numbers ``first … first + rows - 1``.
-
-    Row ``g`` is in block ``g // shards``; each block deals its rows to all ``shards`` shards in
-    a seeded random order, so over any rows ``0 … N-1`` shard sizes differ by at most one.
-    A pure function of the row number: partitions compute their part independently.
-    """
-    g = np.arange(first, first + rows, dtype=np.int64)
-    if rows == 0:
-        return g
-    blocks = np.arange(g[0] // shards, g[-1] // shards + 1, dtype=np.int64)
-    slots = np.arange(shards, dtype=np.int64)
-    salt = _mix64(np.array([seed], dtype=np.int64) + np.int64(0x9E3779B97F4A7C15 % 2**63))[0]
-    scores = _mix64((blocks[:, None] * shards + slots[None, :]).astype(np.uint64) ^ salt)
-    permutations = np.argsort(scores, axis=1, kind="stable")
-    return permutations[g // shards - blocks[0], g % shards]
+_KEYS: dict[int, list[int]] = {}
 
 
 def _partition_keys(spark: SparkSession, n: int) -> list[int]:
     """For each ``k < n`` a long whose Spark hash partition among ``n`` is ``k``.
 
     ``repartition(n, col)`` places a row in ``pmod(hash(col), n)``; giving shard ``k`` the key
-    found here puts exactly shard ``k``'s rows in partition ``k``.
+    found here puts exactly shard ``k``'s rows in partition ``k``. Spark's hash is fixed (Murmur3,
+    seed 42), so the answer for ``n`` is remembered.
     """
+    if n in _KEYS:
+        return _KEYS[n]
     rows = (
         spark.range(0, 64 * n + 1024)
         .select("id", F.expr(f"pmod(hash(id), {n})").alias("p"))
@@ -120,33 +94,37 @@ def _partition_keys(spark: SparkSession, n: int) -> list[int]:
     missing = [k for k in range(n) if k not in keys]
     if missing:  # cannot happen for any sane n; a loud failure beats silent imbalance
         raise RuntimeError(f"no hash key found for partitions {missing[:5]} of {n}")
-    return [keys[k] for k in range(n)]
+    _KEYS[n] = [keys[k] for k in range(n)]
+    return _KEYS[n]
 
 
 def _random_partitions(df: DataFrame, n: int, seed: int) -> DataFrame:
-    """``df`` in ``n`` partitions of seeded random rows, sizes within one row of each other."""
+    """``df`` in ``n`` partitions of seeded random rows, sizes within one row of each other.
+
+    Rows are numbered globally (``g``: the partition's offset from a count per partition, plus
+    the position within it); each block of ``n`` consecutive numbers is dealt to the ``n`` shards
+    rotated by a seeded hash of the block, so every shard gets exactly one row per block, at a
+    random position. All in Spark SQL: the rows do not pass through Python before the writer.
+    """
     counts = {
         int(r["p"]): int(r["count"])
         for r in df.groupBy(F.spark_partition_id().alias("p")).count().collect()
     }
-    offsets, total = {}, 0
-    for p in sorted(counts):
-        offsets[p], total = total, total + counts[p]
-    keys = np.array(_partition_keys(df.sparkSession, n), dtype=np.int64)
-
-    def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        first = offsets.get(ctx.partitionId() if ctx is not None else 0, 0)
-        for batch in batches:
-            shard = balanced_shard_ids(first, batch.num_rows, n, seed)
-            first += batch.num_rows
-            yield batch.append_column(_SHARD_KEY, pa.array(keys[shard]))
-
-    # A new StructType: ``df.schema.add`` would change the DataFrame's own cached schema.
-    schema = T.StructType([*df.schema.fields, T.StructField(_SHARD_KEY, T.LongType(), False)])
-    return df.mapInArrow(assign, schema).repartition(n, _SHARD_KEY)
+    offsets, total = [], 0
+    for p in range(max(counts, default=-1) + 1):
+        offsets.append(total)
+        total += counts.get(p, 0)
+    if not offsets:
+        return df.repartition(n)
+    keys = _partition_keys(df.sparkSession, n)
+    position = F.monotonically_increasing_id().bitwiseAND(F.lit((1 << 33) - 1))
+    offset = F.element_at(F.array(*[F.lit(o) for o in offsets]), F.spark_partition_id() + 1)
+    g = offset + position
+    rotation = F.pmod(F.xxhash64(F.lit(seed), F.floor(g / n)), F.lit(n))
+    shard = F.pmod(g + rotation, F.lit(n))
+    # Long, as the keys were found for: Spark hashes an int and a long of one value differently.
+    key = F.element_at(F.array(*[F.lit(k) for k in keys]), (shard + 1).cast("int")).cast("long")
+    return df.withColumn(_SHARD_KEY, key).repartition(n, _SHARD_KEY)
 
 
 def partition_for_shards(df: DataFrame, n: int, cfg: ShardConfig) -> DataFrame:

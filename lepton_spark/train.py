@@ -113,6 +113,8 @@ def train_worker(spec: TrainSpec, report: Report | None = None) -> TrainResult:
     """Train on this rank's shards; every rank must call it (it joins Horovod collectives)."""
     import horovod.torch as hvd
 
+    # Set before hvd.init(); a value already in the environment (a user's) wins.
+    os.environ.setdefault("HOROVOD_CYCLE_TIME", str(spec.train.horovod_cycle_time_ms))
     hvd.init()
     try:
         return _train(spec, hvd, report if hvd.rank() == 0 else None)

@@ -14,7 +14,7 @@ from lepton_spark.config import FeatureSpecConfig, ShardConfig
 from lepton_spark.etl import DataError, build_features
 from lepton_spark.loader import ShardLoader, record_batches
 from lepton_spark.manifest import ShardError, read_manifest, sha256_file, verify_shard
-from lepton_spark.shards import balanced_shard_ids, num_shards, write_shards
+from lepton_spark.shards import num_shards, write_shards
 
 SPEC = FeatureSpecConfig(numeric=["a", "b"], categorical=["color"], label="y", num_classes=3)
 
@@ -164,16 +164,6 @@ def test_bad_columns_are_named_before_anything_is_written(spark):
     with_nan = spark.createDataFrame([(float("nan"), 0), (1.0, 1)], "a double, y long")
     with pytest.raises(DataError, match="'a': 1 rows"):
         build_features(with_nan, FeatureSpecConfig(numeric=["a"], label="y"))
-
-
-def test_balanced_shard_ids_deal_every_block_to_every_shard():
-    ids = np.concatenate([balanced_shard_ids(0, 37, 8, seed=1), balanced_shard_ids(37, 60, 8, 1)])
-    np.testing.assert_array_equal(ids, balanced_shard_ids(0, 97, 8, seed=1))  # split anywhere
-    counts = np.bincount(ids, minlength=8)
-    assert counts.max() - counts.min() <= 1
-    for block in range(97 // 8):
-        assert sorted(ids[block * 8 : block * 8 + 8]) == list(range(8))
-    assert not np.array_equal(ids, balanced_shard_ids(0, 97, 8, seed=2))
 
 
 def test_random_strategy_is_seeded_and_mixes_rows(table, tmp_path):

@@ -1,0 +1,96 @@
+"""Shared pieces of the benchmarks: synthetic shards, timing, and where results go."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from lepton_spark.config import ModelConfig
+from lepton_spark.manifest import Manifest
+from lepton_spark.shardio import write_local_shards
+from lepton_spark.spec import CategoricalFeature, FeatureSpec
+
+RESULTS = Path(os.environ.get("LEPTON_BENCH_RESULTS", Path(__file__).parent / "results"))
+WORK = Path(os.environ.get("LEPTON_BENCH_WORK", Path(__file__).resolve().parents[1] / ".lepton"))
+
+# The demo's shape: 9 numeric features, 2 categorical ones (12 and 6 levels), a binary label.
+SPEC = FeatureSpec(
+    numeric=[f"x{i}" for i in range(9)],
+    categorical=[
+        CategoricalFeature(name="cat_a", vocabulary=[f"a{i:02d}" for i in range(12)]),
+        CategoricalFeature(name="cat_b", vocabulary=[f"b{i}" for i in range(6)]),
+    ],
+    label="label",
+    num_classes=2,
+)
+DEMO_MODEL = ModelConfig(hidden=[128, 64], embedding_dim=8)
+# Spark's default Arrow batch (spark.sql.execution.arrow.maxRecordsPerBatch): shards written by
+# executors come in record batches of this many rows.
+RECORD_BATCH_ROWS = 10_000
+
+
+def synthetic_table(rows: int, seed: int) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, 9), dtype=np.float32)
+    columns: dict[str, Any] = {f"x{i}": x[:, i] for i in range(9)}
+    columns["cat_a"] = rng.integers(0, 13, rows)
+    columns["cat_b"] = rng.integers(0, 7, rows)
+    columns["label"] = (x[:, 0] + x[:, 1] * x[:, 2] > 0).astype(np.int64)
+    return pa.Table.from_batches(pa.table(columns).to_batches(max_chunksize=RECORD_BATCH_ROWS))
+
+
+def synthetic_shards(folder: Path, rows: int, rows_per_shard: int = 250_000) -> Manifest:
+    """A committed shard folder of ``rows`` synthetic training rows (reused when present)."""
+    from lepton_spark.shardio import find_committed
+
+    manifest, _ = find_committed(folder)
+    if manifest is not None and manifest.split("train").rows == rows:
+        return manifest
+    tables = (
+        synthetic_table(min(rows_per_shard, rows - start), seed=start)
+        for start in range(0, rows, rows_per_shard)
+    )
+    return write_local_shards(folder, {"train": tables}, SPEC, fingerprint=f"synthetic-{rows}")
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyarrow": pa.__version__,
+    }
+
+
+def report(name: str, ratios: dict[str, float], details: dict[str, Any]) -> Path:
+    """Print the ratios (and goals) and write ``results/<name>.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "ratios": ratios, "details": details, "machine": machine()}
+    path.write_text(json.dumps(payload, indent=2))
+    print(f"\n== {name} ==")
+    for key, value in ratios.items():
+        print(f"{key:>34}: {value:.3f}")
+    print(f"{'written':>34}: {path}")
+    return path
