@@ -117,7 +117,10 @@ def materialize_shards(
 
 
 def skew_warnings(cfg: PipelineConfig, reports: dict[str, SkewReport]) -> list[str]:
-    """A warning per split where a rank gets more than ``shards.skew_warning`` × the mean rows."""
+    """A warning when a rank gets more than ``shards.skew_warning`` × the mean training rows.
+
+    (Validation skew costs nothing: evaluation has no steps to keep equal.)
+    """
     return [
         f"{split}: rank rows are skewed, max/mean {r.rank_max_over_mean:.2f} "
         f"(rows per rank {r.rows_per_rank}); ranks with fewer rows "
@@ -127,7 +130,7 @@ def skew_warnings(cfg: PipelineConfig, reports: dict[str, SkewReport]) -> list[s
             else "set the steps and larger ranks leave rows out each epoch (train.tail: drop)"
         )
         for split, r in reports.items()
-        if r.rank_max_over_mean > cfg.shards.skew_warning
+        if split == "train" and r.rank_max_over_mean > cfg.shards.skew_warning
     ]
 
 
@@ -135,11 +138,11 @@ def input_example(shard_set: ShardSet, rows: int = 5) -> pd.DataFrame:
     """The first validation rows as the model's input frame, read from the shards."""
     spec = shard_set.manifest.feature_spec
     shard = shard_set.manifest.split("validation").shards[0]
-    batch = next(
-        record_batches(
-            locate(shard_set.folder).child(shard.path), len(spec.numeric), len(spec.categorical)
-        )
+    batches = record_batches(
+        locate(shard_set.folder).child(shard.path), len(spec.numeric), len(spec.categorical)
     )
+    batch = next(batches)
+    batches.close()
     frame = {c: batch.numeric[:rows, i].numpy() for i, c in enumerate(spec.numeric)}
     frame |= {c: batch.categorical[:rows, i].numpy() for i, c in enumerate(spec.categorical_names)}
     return pd.DataFrame(frame)
