@@ -153,6 +153,20 @@ class TrainConfig(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_rank: int | None = Field(None, gt=0)
     progress_every_steps: int = Field(50, gt=0)
+    checkpoint_root: str = Field(
+        ".lepton/checkpoints", description="a path or pyarrow.fs URI; one folder per MLflow run"
+    )
+    checkpoint_every_steps: int | None = Field(
+        None, gt=0, description="also checkpoint every N steps (always at each epoch's end)"
+    )
+    retries: int = Field(
+        2, ge=0, description="times a failed training stage is run again, from the checkpoint"
+    )
+    fault_inject: str | None = Field(
+        None,
+        pattern=r"^(kill|hang):\d+:\d+$",
+        description="testing only: 'kill:RANK:STEP' or 'hang:RANK:STEP' on the first attempt",
+    )
     horovod_cycle_time_ms: float = Field(
         5.0,
         gt=0.0,

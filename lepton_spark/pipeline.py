@@ -6,6 +6,7 @@ steps) the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -22,7 +23,8 @@ import yaml
 from pyspark.sql import SparkSession
 
 from lepton_spark import __version__
-from lepton_spark.barrier import run_barrier
+from lepton_spark.barrier import BarrierError, run_barrier
+from lepton_spark.checkpoint import CHECKPOINT_NAME
 from lepton_spark.config import PipelineConfig, load_config
 from lepton_spark.etl import prepare, spark_session
 from lepton_spark.fingerprint import dataset_fingerprint
@@ -114,6 +116,39 @@ def materialize_shards(
             )
         finally:
             prepared.release()
+
+
+def train_with_retries(
+    spark: SparkSession, spec: TrainSpec, on_event: Callable[[dict[str, Any]], None]
+) -> tuple[list[TrainResult], int]:
+    """Run the training stage; when a rank fails, run it again (``train.retries`` times).
+
+    Each new attempt resumes from the last checkpoint rank 0 wrote, not from step 0. Returns the
+    ranks' results and how many attempts it took. Not retried: too few slots (the cluster will
+    not change by itself) and interrupts.
+    """
+    attempts = 1 + spec.train.retries
+    for attempt in range(attempts):
+        try:
+            results = run_barrier(
+                spark,
+                functools.partial(train_rank, dataclasses.replace(spec, attempt=attempt)),
+                spec.train.num_workers,
+                on_event=on_event,
+            )
+            return results, attempt + 1
+        except BarrierError as err:
+            if attempt + 1 == attempts:
+                raise
+            log.warning(
+                "training attempt %d of %d failed: %s; running the stage again from the last "
+                "checkpoint",
+                attempt + 1,
+                attempts,
+                str(err).splitlines()[0],
+            )
+            on_event({"event": "retry", "attempt": attempt + 2, "of": attempts})
+    raise AssertionError("unreachable")
 
 
 def skew_warnings(cfg: PipelineConfig, reports: dict[str, SkewReport]) -> list[str]:
@@ -241,7 +276,13 @@ def run_pipeline(
             }
         )
 
-        spec = TrainSpec(shard_folder=str(shard_set.folder), train=cfg.train, model=cfg.model)
+        checkpoints = locate(cfg.train.checkpoint_root).child(run.run_id)
+        spec = TrainSpec(
+            shard_folder=str(shard_set.folder),
+            train=cfg.train,
+            model=cfg.model,
+            checkpoint_dir=checkpoints.uri,
+        )
         mlflow_events = _events_to_mlflow(run)
 
         def on_event(event: dict[str, Any]) -> None:
@@ -250,16 +291,19 @@ def run_pipeline(
 
         with _timed(timings, "training"):
             try:
-                results = run_barrier(
-                    spark,
-                    functools.partial(train_rank, spec),
-                    cfg.train.num_workers,
-                    on_event=on_event,
-                )
+                results, attempts = train_with_retries(spark, spec, on_event)
             finally:
                 if console is not None:
                     console.close()
+        run.set_tags({"training.attempts": attempts})
+        if attempts > 1:
+            warnings.append(f"training needed {attempts} attempts; it resumed from checkpoints")
         chief = results[0]
+        if (
+            checkpoints.child(CHECKPOINT_NAME).is_local
+            and checkpoints.child(CHECKPOINT_NAME).is_file()
+        ):
+            run.log_file(checkpoints.child(CHECKPOINT_NAME).path, "checkpoint")
         with _timed(timings, "model_logging"):
             feature_spec = manifest.feature_spec
             example = input_example(shard_set)

@@ -30,11 +30,15 @@ class ConsoleProgress:
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
         if kind == "start":
+            self.close()  # a new attempt after a retry starts its own display
             self._epochs = int(event["epochs"])
             self.console.print(
                 f"training: {event['size']} ranks on {event['device']}, "
                 f"{self._epochs} epochs × {event['steps_per_epoch']} steps per rank"
             )
+            if event.get("resumed_from"):
+                epoch, step = event["resumed_from"]
+                self.console.print(f"resumed from the checkpoint at epoch {epoch + 1}, step {step}")
             if self.live:
                 self._progress = Progress(
                     TextColumn("[bold]epoch {task.fields[epoch]}"),
@@ -58,6 +62,13 @@ class ConsoleProgress:
             )
         elif kind == "rank_failed":
             self.console.print(f"[red]{event['error'].splitlines()[0]}")
+        elif kind == "retry":
+            self.close()
+            self._task = None
+            self.console.print(
+                f"[yellow]retrying the training stage (attempt {event['attempt']} of "
+                f"{event['of']}) from the last checkpoint"
+            )
 
     def _on_progress(self, event: dict[str, Any]) -> None:
         label = f"{event['epoch']}/{self._epochs}"
@@ -81,3 +92,4 @@ class ConsoleProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+            self._task = None

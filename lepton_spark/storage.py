@@ -51,19 +51,30 @@ class Location:
         return int(info.size)
 
     def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def read_bytes(self) -> bytes:
         with self.fs.open_input_stream(self.path) as f:
-            return f.read().decode()
+            return f.read()
 
     def write_text_atomic(self, text: str) -> None:
-        """Write a small file so that readers see the old content or the new, never a part.
+        self.write_bytes_atomic(text.encode())
+
+    def write_bytes_atomic(self, data: bytes) -> None:
+        """Write a file so that readers see the old content or the new, never a part.
 
         A temporary sibling is written and moved over the target: a rename on local disks and
         HDFS; on object stores a single object write is atomic by itself.
         """
         tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(text.encode())
-        self.fs.move(tmp, self.path)
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, self.path)
+        except BaseException:
+            if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+                self.fs.delete_file(tmp)
+            raise
 
     def sha256(self, chunk: int = 8 << 20) -> str:
         digest = hashlib.sha256()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lepton_spark.checkpoint import Checkpoint, Position, load_checkpoint, save_checkpoint
 from lepton_spark.config import ModelConfig, TrainConfig
 from lepton_spark.loader import ShardLoader
 from lepton_spark.manifest import Manifest, read_manifest
@@ -38,6 +40,8 @@ class TrainSpec:
     train: TrainConfig
     model: ModelConfig
     verify_shards: bool = True
+    checkpoint_dir: str | None = None  # resume from / write checkpoints here (rank 0 writes)
+    attempt: int = 0  # which attempt of the training stage this is (0: the first)
 
 
 @dataclass
@@ -47,6 +51,7 @@ class TrainResult:
     device: str
     steps_per_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: tuple[int, int] | None = None  # (epoch, step) of the checkpoint it started at
     state_dict: bytes | None = None  # rank 0 only: torch.save of the model's state_dict
 
     def load_state_dict(self) -> dict[str, torch.Tensor]:
@@ -164,10 +169,12 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
 
     model = build_model(spec.model, features, seed=cfg.seed).to(device)
     optimizer = make_optimizer(cfg, model.parameters(), scaled_lr(cfg, size))
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
     schedule = make_schedule(cfg, optimizer, total_steps=steps * cfg.epochs)
+    position, history, resumed = _resume(spec, hvd, model, optimizer, schedule)
+    # Optimizer state first: initialising it may step the parameters, which the broadcast fixes.
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     if report:
         report(
@@ -177,14 +184,19 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
                 "device": str(device),
                 "epochs": cfg.epochs,
                 "steps_per_epoch": steps,
+                "attempt": spec.attempt,
+                "resumed_from": list(resumed) if resumed else None,
             }
         )
-    history: list[dict[str, float]] = []
-    for epoch in range(cfg.epochs):
+    global_step = position.global_step
+    for epoch in range(position.epoch, cfg.epochs):
+        done = position.step if epoch == position.epoch else 0
         started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for step, batch in enumerate(train_loader.epoch(epoch), start=1):
+            if step <= done:  # batches the checkpoint already trained on (same order)
+                continue
             batch = batch.to(device)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(batch.numeric, batch.categorical), batch.label)
@@ -192,6 +204,8 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
             optimizer.step()
             schedule.step()
             loss_sum += loss.detach()
+            global_step += 1
+            inject_fault(spec, rank, global_step)
             if report and (step % cfg.progress_every_steps == 0 or step == steps):
                 report(
                     {
@@ -199,20 +213,36 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
                         "epoch": epoch + 1,
                         "step": step,
                         "steps": steps,
-                        "loss": loss_sum.item() / step,
+                        "loss": loss_sum.item() / (step - done),
                     }
                 )
+            every = cfg.checkpoint_every_steps
+            if every and global_step % every == 0 and step < steps:
+                _checkpoint(
+                    spec,
+                    rank,
+                    model,
+                    optimizer,
+                    schedule,
+                    history,
+                    Position(epoch, step, global_step),
+                )
         seconds = time.perf_counter() - started
-        train_loss = hvd.allreduce(loss_sum.cpu() / steps, op=hvd.Average, name="train_loss")
+        train_loss = hvd.allreduce(
+            loss_sum.cpu() / max(steps - done, 1), op=hvd.Average, name="train_loss"
+        )
         val = hvd.allreduce(evaluate(model, val_loader, device), op=hvd.Sum, name="val_totals")
         metrics = {
             "train_loss": float(train_loss),
             "val_loss": float(val[0] / max(val[2], 1)),
             "val_accuracy": float(val[1] / max(val[2], 1)),
-            "samples_per_second": steps * cfg.batch_size * size / seconds,
+            "samples_per_second": (steps - done) * cfg.batch_size * size / seconds,
             "epoch_seconds": seconds,
         }
         history.append({"epoch": epoch + 1, **metrics})
+        _checkpoint(
+            spec, rank, model, optimizer, schedule, history, Position(epoch + 1, 0, global_step)
+        )
         if report:
             report({"event": "epoch", "epoch": epoch + 1, "metrics": metrics})
 
@@ -228,7 +258,80 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
         steps_per_epoch=steps,
         history=history,
         state_dict=weights,
+        resumed_from=resumed,
     )
+
+
+def _resume(
+    spec: TrainSpec, hvd: Any, model: nn.Module, optimizer: Any, schedule: Any
+) -> tuple[Position, list[dict[str, float]], tuple[int, int] | None]:
+    """Load the run's checkpoint on rank 0 (if there is one) and agree on the position.
+
+    Rank 0 loads the model, optimizer and schedule state (the broadcasts that follow give the
+    model and optimizer to the other ranks); the position, history and schedule state go to
+    every rank here.
+    """
+    found = None
+    if hvd.rank() == 0 and spec.checkpoint_dir:
+        ckpt = load_checkpoint(spec.checkpoint_dir)
+        if ckpt is not None:
+            model.load_state_dict(ckpt.model)
+            optimizer.load_state_dict(ckpt.optimizer)
+            found = (ckpt.position, ckpt.history, ckpt.schedule)
+    found = hvd.broadcast_object(found, root_rank=0, name="resume")
+    if found is None:
+        return Position(), [], None
+    position, history, schedule_state = found
+    schedule.load_state_dict(schedule_state)
+    log.info("rank %d resumes at epoch %d, step %d", hvd.rank(), position.epoch, position.step)
+    return position, history, (position.epoch, position.step)
+
+
+def _checkpoint(
+    spec: TrainSpec,
+    rank: int,
+    model: nn.Module,
+    optimizer: Any,
+    schedule: Any,
+    history: list[dict[str, float]],
+    position: Position,
+) -> None:
+    if rank != 0 or not spec.checkpoint_dir:
+        return
+    save_checkpoint(
+        spec.checkpoint_dir,
+        Checkpoint(
+            position=position,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            schedule=schedule.state_dict(),
+            history=list(history),
+        ),
+    )
+
+
+FAULT_ENV = "LEPTON_FAULT_INJECT"
+
+
+def inject_fault(spec: TrainSpec, rank: int, global_step: int) -> None:
+    """Test hook, off unless ``train.fault_inject`` or ``LEPTON_FAULT_INJECT`` is set.
+
+    ``kill:RANK:STEP`` kills this rank's process (SIGKILL, as the OOM killer would) and
+    ``hang:RANK:STEP`` makes it sleep forever, at global step STEP of the first attempt only, so
+    that a retry can succeed.
+    """
+    fault = spec.train.fault_inject or os.environ.get(FAULT_ENV)
+    if not fault or spec.attempt != 0:
+        return
+    kind, fault_rank, fault_step = fault.split(":")
+    if int(fault_rank) != rank or int(fault_step) != global_step:
+        return
+    log.warning("injected fault %r on rank %d at step %d", kind, rank, global_step)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "hang":
+        while True:
+            time.sleep(3600)
 
 
 def train_rank(spec: TrainSpec, ctx: Any) -> TrainResult:
