@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from typing import Any
 
 from pyspark.sql import SparkSession
 
+from lepton_spark import __version__
 from lepton_spark.config import PipelineConfig, SourceConfig
 from lepton_spark.etl import DataError
 from lepton_spark.manifest import FORMAT_VERSION
@@ -108,9 +110,16 @@ def _summary(state: dict[str, Any]) -> dict[str, Any]:
 def dataset_fingerprint(spark: SparkSession, cfg: PipelineConfig) -> tuple[str, dict[str, Any]]:
     """The fingerprint (hex) and a readable summary of what it covers (for the manifest)."""
     states = {name: source_state(spark, name, src) for name, src in cfg.sources.items()}
+    for name, state in states.items():
+        if "files" in state and not state["files"]:
+            # A view over in-memory or JDBC data: nothing tells whether it changed, so its shards
+            # are never reused (a fresh value makes this fingerprint unique).
+            log.info("source %r has no files or version to fingerprint: shards are rewritten", name)
+            state["unversioned"] = uuid.uuid4().hex
     shards = cfg.shards.model_dump(mode="json", exclude={"root", "skew_warning"})
     payload = {
         "format_version": FORMAT_VERSION,
+        "lepton_spark": __version__,
         "sources": states,
         "transform": cfg.transform,
         "features": cfg.features.model_dump(mode="json"),

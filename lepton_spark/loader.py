@@ -212,6 +212,8 @@ class ShardLoader:
 
     def _rows(self, epoch: int) -> Iterator[Batch]:
         """The epoch's rows in order, as record batches or shuffled chunks; passes repeat to pad."""
+        if not self.rows:
+            return
         passes = 1
         while True:
             generator = torch.Generator().manual_seed(
@@ -275,20 +277,28 @@ def _prefetched(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
     items: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def hand_over(item: object) -> bool:
+        """Queue ``item`` unless the consumer has stopped; whether it was queued."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in source:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over(item):
                     return
-            items.put(_DONE)
+            hand_over(_DONE)
         except BaseException as err:  # handed to the consumer
-            items.put(err)
+            hand_over(err)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()  # releases the shards it holds open
 
     thread = threading.Thread(target=produce, name="lepton-prefetch", daemon=True)
     thread.start()

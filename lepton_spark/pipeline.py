@@ -170,9 +170,10 @@ def skew_warnings(cfg: PipelineConfig, reports: dict[str, SkewReport]) -> list[s
 
 
 def input_example(shard_set: ShardSet, rows: int = 5) -> pd.DataFrame:
-    """The first validation rows as the model's input frame, read from the shards."""
+    """The first validation rows (training rows if validation has none) as the model's input."""
     spec = shard_set.manifest.feature_spec
-    shard = shard_set.manifest.split("validation").shards[0]
+    splits = shard_set.manifest.splits
+    shard = (splits["validation"].shards or splits["train"].shards)[0]
     batches = record_batches(
         locate(shard_set.folder).child(shard.path), len(spec.numeric), len(spec.categorical)
     )

@@ -15,6 +15,7 @@ Spark executors write shards through :func:`write_shard`; so can tests and tools
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -39,6 +40,8 @@ from lepton_spark.spec import CATEGORICAL_COLUMN, LABEL_COLUMN, NUMERIC_COLUMN, 
 from lepton_spark.storage import Location, locate
 
 ATTEMPT_PREFIX = "attempt-"
+
+log = logging.getLogger(__name__)
 
 
 def shard_schema(spec: FeatureSpec) -> pa.Schema:
@@ -118,7 +121,7 @@ def _bound(pick: Any, values: list[Any]) -> Any:
 
 def new_attempt() -> str:
     """A fresh attempt folder name: sortable by time, unique across concurrent writers."""
-    return f"{ATTEMPT_PREFIX}{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    return f"{ATTEMPT_PREFIX}{datetime.now(UTC):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}"
 
 
 def make_manifest(
@@ -145,12 +148,20 @@ def make_manifest(
 
 
 def commit(folder: str | Path | Location, attempt: str, manifest: Manifest) -> None:
-    """Make ``attempt`` the folder's content: manifest last, then older attempts removed."""
+    """Make ``attempt`` the folder's content: its manifest written last, atomically."""
+    write_manifest(locate(folder), manifest)
+
+
+def remove_older_attempts(folder: str | Path | Location, attempt: str) -> None:
+    """After a commit: delete attempts older than ``attempt`` (best effort, never newer ones,
+    which may be another writer's work in progress)."""
     place = locate(folder)
-    write_manifest(place, manifest)
     for name in place.subfolders():
-        if name.startswith(ATTEMPT_PREFIX) and name != attempt:
-            place.child(name).delete_folder()
+        if name.startswith(ATTEMPT_PREFIX) and name < attempt:
+            try:
+                place.child(name).delete_folder()
+            except OSError as err:
+                log.warning("could not remove the old shard attempt %s: %s", name, err)
 
 
 def abandon(folder: str | Path | Location, attempt: str) -> None:
@@ -200,6 +211,7 @@ def write_local_shards(
     except BaseException:
         abandon(folder, attempt)
         raise
+    remove_older_attempts(folder, attempt)
     return manifest
 
 

@@ -35,6 +35,7 @@ from lepton_spark.shardio import (
     commit,
     make_manifest,
     new_attempt,
+    remove_older_attempts,
     row_bytes,
     write_shard,
 )
@@ -55,11 +56,16 @@ def _writer(folder: Location, prefix: str, spec: FeatureSpec, key: str | None):
 
         ctx = TaskContext.get()
         part = ctx.partitionId() if ctx is not None else 0
-        info = write_shard(folder, f"{prefix}/part-{part:05d}.arrow", batches, spec, key)
+        # The task attempt in the name: a speculative or retried copy never overwrites the file
+        # whose size and checksum the driver records.
+        tries = ctx.attemptNumber() if ctx is not None else 0
+        info = write_shard(folder, f"{prefix}/part-{part:05d}-{tries}.arrow", batches, spec, key)
         if info is not None:
             row = info.model_dump()
             # Key bounds travel as JSON text: one result schema whatever the key's type.
-            row["key_min"], row["key_max"] = json.dumps(info.key_min), json.dumps(info.key_max)
+            # (dates, timestamps and decimals as their text)
+            row["key_min"] = json.dumps(info.key_min, default=str)
+            row["key_max"] = json.dumps(info.key_max, default=str)
             yield pa.RecordBatch.from_pylist([row])
 
     return write
@@ -124,7 +130,16 @@ def _random_partitions(df: DataFrame, n: int, seed: int) -> DataFrame:
     shard = F.pmod(g + rotation, F.lit(n))
     # Long, as the keys were found for: Spark hashes an int and a long of one value differently.
     key = F.element_at(F.array(*[F.lit(k) for k in keys]), (shard + 1).cast("int")).cast("long")
-    return df.withColumn(_SHARD_KEY, key).repartition(n, _SHARD_KEY)
+    # Within a shard, rows come in runs in their input order (randomSplit sorts partitions by
+    # value): a seeded hash of the row number puts them in a random order instead.
+    order = "_lepton_shard_order"
+    return (
+        df.withColumn(_SHARD_KEY, key)
+        .withColumn(order, F.xxhash64(F.lit(seed + 1), g))
+        .repartition(n, _SHARD_KEY)
+        .sortWithinPartitions(order)
+        .drop(order)
+    )
 
 
 def partition_for_shards(df: DataFrame, n: int, cfg: ShardConfig) -> DataFrame:
@@ -208,4 +223,5 @@ def write_shards(
     except BaseException:
         abandon(place, attempt)
         raise
+    remove_older_attempts(place, attempt)
     return ShardSet(folder=place.uri, manifest=manifest)

@@ -32,10 +32,12 @@ class Location:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def child(self, *parts: str) -> Location:
+        # A URI's query (``s3://b/p?endpoint_override=…``) stays at the end.
+        base, sep, query = self.uri.partition("?")
         return Location(
             self.fs,
             "/".join([self.path.rstrip("/"), *parts]),
-            "/".join([self.uri.rstrip("/"), *parts]),
+            "/".join([base.rstrip("/"), *parts]) + sep + query,
         )
 
     def exists(self) -> bool:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from pyarrow.fs import LocalFileSystem
 
 from lepton_spark.loader import ShardLoader, record_batches
 from lepton_spark.shardio import write_local_shards
 from lepton_spark.spec import CategoricalFeature, FeatureSpec
+from lepton_spark.storage import Location
 
 SPEC = FeatureSpec(
     numeric=["a", "b"],
@@ -153,3 +157,20 @@ def test_numeric_tensors_are_the_mapped_file_itself(shards):
     for tensor in batch.tensors():
         address = tensor.data_ptr()
         assert any(start <= address < end for start, end in mapped_ranges(place)), tensor
+
+
+def test_stopping_early_stops_the_prefetch_thread_at_once(shards):
+    data = loader(shards, batch_size=10, prefetch=1, shuffle=True, shuffle_buffer=1)
+    started = time.perf_counter()
+    batches = data.epoch(0)
+    next(batches)
+    batches.close()  # the consumer stops while the producer waits on a full queue
+    assert time.perf_counter() - started < 2.0
+    assert not [t for t in threading.enumerate() if t.name == "lepton-prefetch"]
+
+
+def test_a_uri_keeps_its_query_when_joined():
+    place = Location(LocalFileSystem(), "/b/shards", "s3://b/shards?endpoint_override=h:9000")
+    child = place.child("run-1", "manifest.json")
+    assert child.uri == "s3://b/shards/run-1/manifest.json?endpoint_override=h:9000"
+    assert child.path == "/b/shards/run-1/manifest.json"

@@ -178,6 +178,12 @@ def test_random_strategy_is_seeded_and_mixes_rows(table, tmp_path):
         )
     first = sort_rows(shard_rows(tmp_path / "one", one.shards[0]))
     assert not first.equals(sort_rows(shard_rows(tmp_path / "other", other.shards[0])))
+    # Rows inside a shard are in random order, even from a split: randomSplit sorts each
+    # partition by value, so without mixing a shard would hold runs sorted by `a`.
+    train, _ = features.repartition(1).randomSplit([0.9, 0.1], seed=3)
+    split = write(train, spec, tmp_path / "split", seed=1).manifest.split("train")
+    rows = shard_rows(tmp_path / "split", split.shards[0])["a"]
+    assert abs(np.corrcoef(np.arange(len(rows)), rows.rank())[0, 1]) < 0.2
     # Every shard is a sample of the whole: its mean of `a` is near the overall mean.
     overall = read_rows(tmp_path / "one", one)["a"]
     for shard in one.shards:
