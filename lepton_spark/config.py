@@ -80,6 +80,12 @@ class FeatureSpecConfig(_Frozen):
     label: str
     num_classes: int | None = Field(None, ge=2)
     max_categories: int = Field(10_000, gt=0)
+    nulls: Literal["fail", "drop", "fill"] = Field(
+        "fail",
+        description="rows with null/NaN/inf numeric features or a null label: fail the run, drop "
+        "the rows, or fill the features with fill_value (a null label cannot be filled)",
+    )
+    fill_value: float = 0.0
 
     @model_validator(mode="after")
     def _columns_distinct(self) -> FeatureSpecConfig:

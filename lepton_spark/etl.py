@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.utils import AnalysisException
@@ -44,6 +44,7 @@ class PreparedData:
     feature_spec: FeatureSpec
     rows: int
     features: DataFrame  # both splits' parent, cached while the shards are written
+    quality: dict[str, int]  # bad values per column, rows dropped or filled (features.nulls)
 
     def release(self) -> None:
         """Drop the cached features (once the shards are written)."""
@@ -145,18 +146,29 @@ def _check_columns(df: DataFrame, spec: FeatureSpecConfig) -> None:
         )
 
 
+def _bad_value(column: str) -> Column:
+    value = F.col(column).cast("double")
+    return value.isNull() | F.isnan(value) | (F.abs(value) == float("inf"))
+
+
+def _bad_row(spec: FeatureSpecConfig) -> Column:
+    bad = F.col(spec.label).isNull()
+    for c in spec.numeric:
+        bad = bad | _bad_value(c)
+    return bad
+
+
 def _statistics(df: DataFrame, spec: FeatureSpecConfig) -> dict[str, int | None]:
     """Row count, label range and bad values per column, in one pass."""
     aggs = [
         F.count(F.lit(1)).alias("rows"),
+        F.sum(_bad_row(spec).cast("long")).alias("bad_rows"),
         F.min(spec.label).cast("long").alias("label_min"),
         F.max(spec.label).cast("long").alias("label_max"),
         F.sum(F.col(spec.label).isNull().cast("long")).alias(f"bad:{spec.label}"),
     ]
     for c in spec.numeric:
-        value = F.col(c).cast("double")
-        bad = value.isNull() | F.isnan(value) | (F.abs(value) == float("inf"))
-        aggs.append(F.sum(bad.cast("long")).alias(f"bad:{c}"))
+        aggs.append(F.sum(_bad_value(c).cast("long")).alias(f"bad:{c}"))
     row = df.agg(*aggs).first()
     assert row is not None
     return row.asDict()
@@ -187,11 +199,16 @@ def _index_column(df: DataFrame, column: str, vocabulary: list[str]) -> DataFram
 
 
 def build_features(
-    df: DataFrame, spec: FeatureSpecConfig, keep: tuple[str, ...] = ()
+    df: DataFrame,
+    spec: FeatureSpecConfig,
+    keep: tuple[str, ...] = (),
+    quality: dict[str, int] | None = None,
 ) -> tuple[DataFrame, FeatureSpec, int]:
     """Validate the columns, index categoricals, and select ``numeric…, categorical…, label``.
 
     ``keep``: more columns carried along as they are (a shard key that is not a feature).
+    ``quality``: when given, receives the bad values per column and the rows dropped or filled
+    under ``spec.nulls``.
     """
     _check_columns(df, spec)
     absent = [c for c in keep if c not in df.columns]
@@ -204,9 +221,36 @@ def build_features(
     if rows == 0:
         raise DataError("the dataset is empty after the transform")
     bad = {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("bad:") and v}
+    bad_rows = int(stats["bad_rows"] or 0)
+    if quality is not None:
+        quality.update({f"bad_values.{c}": n for c, n in bad.items()})
+        quality["rows_dropped"] = bad_rows if bad and spec.nulls == "drop" else 0
+        quality["rows_filled"] = bad_rows if bad and spec.nulls == "fill" else 0
     if bad:
         listed = ", ".join(f"{c!r}: {n} rows" for c, n in bad.items())
-        raise DataError(f"null, NaN or infinite values in {listed}")
+        if spec.nulls == "fail":
+            raise DataError(
+                f"null, NaN or infinite values in {listed} "
+                "(features.nulls: drop or fill to train anyway)"
+            )
+        if spec.nulls == "fill" and bad.get(spec.label):
+            raise DataError(
+                f"label {spec.label!r} is null in {bad[spec.label]} rows; a label cannot be "
+                "filled (features.nulls: drop removes those rows)"
+            )
+        if spec.nulls == "drop":
+            df = df.where(~_bad_row(spec))
+            rows -= bad_rows
+            log.warning("dropped %d rows with null, NaN or infinite values (%s)", bad_rows, listed)
+            if rows == 0:
+                raise DataError(f"no rows left after dropping the bad values ({listed})")
+        else:
+            for c in spec.numeric:
+                if bad.get(c):
+                    df = df.withColumn(
+                        c, F.when(_bad_value(c), F.lit(spec.fill_value)).otherwise(F.col(c))
+                    )
+            log.warning("filled %s with %s", listed, spec.fill_value)
     label_min, label_max = int(stats["label_min"] or 0), int(stats["label_max"] or 0)
     num_classes = spec.num_classes or max(label_max + 1, 2)
     if label_min < 0 or label_max >= num_classes:
@@ -246,11 +290,17 @@ def prepare(spark: SparkSession, cfg: PipelineConfig) -> PreparedData:
     """Sources → transform → features and label → train/validation split."""
     df = load_and_transform(spark, cfg)
     keep = (cfg.shards.key,) if cfg.shards.key else ()
-    features, spec, rows = build_features(df, cfg.features, keep)
+    quality: dict[str, int] = {}
+    features, spec, rows = build_features(df, cfg.features, keep, quality)
     # Both splits and the shard writer read these rows more than once: compute them once.
     features = features.persist(StorageLevel.MEMORY_AND_DISK)
     train, validation = split(features, cfg.split)
     log.info("prepared %d rows: %s", rows, spec.input_columns)
     return PreparedData(
-        train=train, validation=validation, feature_spec=spec, rows=rows, features=features
+        train=train,
+        validation=validation,
+        feature_spec=spec,
+        rows=rows,
+        features=features,
+        quality=quality,
     )

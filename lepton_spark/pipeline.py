@@ -112,7 +112,7 @@ def materialize_shards(
                 num_workers=cfg.train.num_workers,
                 estimated_rows={"train": prepared.rows - val_rows, "validation": val_rows},
                 fingerprint=fingerprint,
-                source=source,
+                source={**source, "quality": prepared.quality},
             )
         finally:
             prepared.release()
@@ -262,6 +262,9 @@ def run_pipeline(
             },
             step=0,
         )
+        quality = manifest.source.get("quality") or {}
+        if isinstance(quality, dict) and quality:
+            run.log_metrics({f"data_{k}": float(v) for k, v in quality.items()}, step=0)
         warnings = skew_warnings(cfg, skew)
         for warning in warnings:
             log.warning(warning)

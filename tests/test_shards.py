@@ -255,3 +255,33 @@ def test_shards_go_through_pyarrow_fs_uris(table, tmp_path):
         uri, split.shards, n_numeric=2, n_categorical=1, batch_size=1_000, drop_last=False
     )
     assert sum(len(b) for b in loader.epoch(0)) == 5_003
+
+
+def test_bad_values_fail_or_are_dropped_or_filled_as_configured(spark):
+    df = spark.createDataFrame(
+        [(1.0, 0), (float("nan"), 1), (float("inf"), 0), (4.0, None), (5.0, 1)],
+        "a double, y long",
+    )
+    with pytest.raises(DataError, match=r"features\.nulls"):
+        build_features(df, FeatureSpecConfig(numeric=["a"], label="y"))
+
+    quality: dict[str, int] = {}
+    dropped, _, rows = build_features(
+        df, FeatureSpecConfig(numeric=["a"], label="y", nulls="drop"), quality=quality
+    )
+    assert rows == 2 == dropped.count()
+    assert sorted(r["a"] for r in dropped.collect()) == [1.0, 5.0]
+    assert quality == {"bad_values.a": 2, "bad_values.y": 1, "rows_dropped": 3, "rows_filled": 0}
+
+    with pytest.raises(DataError, match="label 'y' is null in 1 rows"):
+        build_features(df, FeatureSpecConfig(numeric=["a"], label="y", nulls="fill"))
+    no_null_label = df.where("y IS NOT NULL")
+    quality = {}
+    filled, _, rows = build_features(
+        no_null_label,
+        FeatureSpecConfig(numeric=["a"], label="y", nulls="fill", fill_value=-1.0),
+        quality=quality,
+    )
+    assert rows == 4
+    assert sorted(r["a"] for r in filled.collect()) == [-1.0, -1.0, 1.0, 5.0]
+    assert quality["rows_filled"] == 2 and quality["rows_dropped"] == 0
