@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,12 @@ def synthetic_shards(folder: Path, rows: int, rows_per_shard: int = 250_000) -> 
         for start in range(0, rows, rows_per_shard)
     )
     return write_local_shards(folder, {"train": tables}, SPEC, fingerprint=f"synthetic-{rows}")
+
+
+def run_json(command: list[str]) -> dict[str, Any]:
+    """Run a helper process that prints one JSON line last; that line, parsed."""
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def timed(fn: Callable[[], Any]) -> float:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 
-from benchmarks._common import SPEC, WORK, report, synthetic_shards
+from benchmarks._common import SPEC, WORK, report, run_json, synthetic_shards
 from lepton_spark.shardio import row_bytes
 
 
@@ -49,13 +48,7 @@ def stream(folder: str) -> dict[str, float]:
 
 
 def measure(folder: str) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", "--child", folder],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_json([sys.executable, "-m", "benchmarks.memory", "--child", folder])
 
 
 def main() -> None:

@@ -16,13 +16,11 @@ runs from its own environment, ``.venv-petastorm`` (``make bench-petastorm-env``
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
-from benchmarks._common import SPEC, WORK, report
+from benchmarks._common import SPEC, WORK, report, run_json
 from benchmarks._frame import local_spark, make_frame
 from lepton_spark.config import ShardConfig
 from lepton_spark.loader import ShardLoader
@@ -80,19 +78,15 @@ def petastorm(rows: int, batch: int) -> dict[str, float]:
         raise SystemExit(f"{PETASTORM_PYTHON} is missing: run `make bench-petastorm-env` first")
     cache = WORK / "bench" / "petastorm-cache"
     cache.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(
+    return run_json(
         [
             str(PETASTORM_PYTHON),
             str(Path(__file__).parent / "petastorm_side.py"),
             str(rows),
             str(batch),
             cache.as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+        ]
+    )
 
 
 def main() -> None:
