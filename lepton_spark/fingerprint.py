@@ -27,8 +27,12 @@ FileState = tuple[str, int, int]  # path, bytes, modification time (ms)
 
 
 def _hadoop(spark: SparkSession) -> tuple[Any, Any]:
-    jvm = getattr(spark, "_jvm", None) or spark.sparkContext._jvm
-    return jvm, spark.sparkContext._jsc.hadoopConfiguration()
+    return spark.sparkContext._jvm, spark.sparkContext._jsc.hadoopConfiguration()
+
+
+def _state(status: Any) -> FileState:
+    """A Hadoop ``FileStatus`` as (path, bytes, modification time)."""
+    return status.getPath().toString(), status.getLen(), status.getModificationTime()
 
 
 def list_files(spark: SparkSession, path: str) -> list[FileState]:
@@ -44,12 +48,9 @@ def list_files(spark: SparkSession, path: str) -> list[FileState]:
         if status.isDirectory():
             found = fs.listFiles(status.getPath(), True)
             while found.hasNext():
-                f = found.next()
-                files.append((f.getPath().toString(), f.getLen(), f.getModificationTime()))
+                files.append(_state(found.next()))
         else:
-            files.append(
-                (status.getPath().toString(), status.getLen(), status.getModificationTime())
-            )
+            files.append(_state(status))
     return sorted(files)
 
 
@@ -58,8 +59,7 @@ def _file_states(spark: SparkSession, uris: list[str]) -> list[FileState]:
     states = []
     for uri in uris:
         hpath = jvm.org.apache.hadoop.fs.Path(uri)
-        status = hpath.getFileSystem(conf).getFileStatus(hpath)
-        states.append((uri, status.getLen(), status.getModificationTime()))
+        states.append(_state(hpath.getFileSystem(conf).getFileStatus(hpath)))
     return sorted(states)
 
 

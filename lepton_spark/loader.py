@@ -79,22 +79,19 @@ def record_batches(
     place: str | Path | Location,
     n_numeric: int,
     n_categorical: int,
-    order: Sequence[int] | None = None,
+    shuffle: torch.Generator | None = None,
 ) -> Iterator[Batch]:
-    """One :class:`Batch` per record batch of a shard (in ``order`` when given).
+    """One :class:`Batch` per record batch of a shard (in a random order drawn from ``shuffle``).
 
     Local shards are memory-mapped and the tensors share the mapping; the mapping lives as long as
     a tensor over it does.
     """
     with locate(place).open_for_reading() as source:
         reader = pa.ipc.open_file(source)
-        for i in range(reader.num_record_batches) if order is None else order:
+        count = reader.num_record_batches
+        order = range(count) if shuffle is None else _permutation(count, shuffle)
+        for i in order:
             yield _to_batch(reader.get_batch(i), n_numeric, n_categorical)
-
-
-def count_record_batches(place: str | Path | Location) -> int:
-    with locate(place).open_for_reading() as source:
-        return pa.ipc.open_file(source).num_record_batches
 
 
 def _concat(parts: list[Batch]) -> Batch:
@@ -232,9 +229,8 @@ class ShardLoader:
         pool: list[Batch] = []
         pool_rows = 0
         for i in _permutation(len(self.places), generator):
-            place = self.places[i]
-            order = _permutation(count_record_batches(place), generator)
-            for part in record_batches(place, self.n_numeric, self.n_categorical, order):
+            parts = record_batches(self.places[i], self.n_numeric, self.n_categorical, generator)
+            for part in parts:
                 pool.append(part)
                 pool_rows += len(part)
                 if pool_rows >= self.shuffle_buffer:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -147,9 +147,23 @@ def make_manifest(
     )
 
 
-def commit(folder: str | Path | Location, attempt: str, manifest: Manifest) -> None:
-    """Make ``attempt`` the folder's content: its manifest written last, atomically."""
-    write_manifest(locate(folder), manifest)
+def write_attempt(folder: str | Path | Location, write: Callable[[str], Manifest]) -> Manifest:
+    """Fill a new attempt subfolder of ``folder`` and commit it; the one way shards get written.
+
+    ``write(attempt)`` writes the files under ``folder/attempt/`` and returns their manifest,
+    which is then written last, atomically. On any failure the attempt is removed and an earlier
+    committed content stays as it was; after success, older attempts are removed.
+    """
+    place = locate(folder)
+    attempt = new_attempt()
+    try:
+        manifest = write(attempt)
+        write_manifest(place, manifest)
+    except BaseException:
+        abandon(place, attempt)
+        raise
+    remove_older_attempts(place, attempt)
+    return manifest
 
 
 def remove_older_attempts(folder: str | Path | Location, attempt: str) -> None:
@@ -200,19 +214,15 @@ def write_local_shards(
 
     For tests, benchmarks and tools on machines without Spark.
     """
-    attempt = new_attempt()
-    try:
+
+    def write(attempt: str) -> Manifest:
         infos = {
             name: _write_tables(folder, f"{attempt}/{name}", tables, spec)
             for name, tables in splits.items()
         }
-        manifest = make_manifest(fingerprint, spec, infos)
-        commit(folder, attempt, manifest)
-    except BaseException:
-        abandon(folder, attempt)
-        raise
-    remove_older_attempts(folder, attempt)
-    return manifest
+        return make_manifest(fingerprint, spec, infos)
+
+    return write_attempt(folder, write)
 
 
 def _write_tables(

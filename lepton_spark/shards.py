@@ -30,15 +30,7 @@ from pyspark.sql import functions as F
 
 from lepton_spark.config import ShardConfig
 from lepton_spark.manifest import Manifest, ShardInfo, SplitInfo
-from lepton_spark.shardio import (
-    abandon,
-    commit,
-    make_manifest,
-    new_attempt,
-    remove_older_attempts,
-    row_bytes,
-    write_shard,
-)
+from lepton_spark.shardio import make_manifest, row_bytes, write_attempt, write_shard
 from lepton_spark.spec import FeatureSpec
 from lepton_spark.storage import Location, locate
 
@@ -161,8 +153,14 @@ def write_split(
 ) -> SplitInfo:
     """Write one split as up to ``shards`` files under ``folder/prefix/`` (empty ones skipped)."""
     key = cfg.key if cfg.strategy == "range" else None
-    parts = partition_for_shards(df, shards, cfg)
-    result = parts.mapInArrow(_writer(folder, prefix, spec, key), _RESULT_SCHEMA).collect()
+    # The random strategy reads the split twice (row counts, then the rows): compute it once.
+    cached = df.persist(StorageLevel.MEMORY_AND_DISK) if cfg.strategy == "random" else df
+    try:
+        parts = partition_for_shards(cached, shards, cfg)
+        result = parts.mapInArrow(_writer(folder, prefix, spec, key), _RESULT_SCHEMA).collect()
+    finally:
+        if cached is not df:
+            cached.unpersist()
     infos = []
     for r in result:
         row = r.asDict()
@@ -198,19 +196,17 @@ def write_shards(
     attempt and leaves an earlier committed content of ``folder`` as it was.
     """
     place = locate(folder)
-    attempt = new_attempt()
     target_rows = cfg.target_rows(row_bytes(spec))
-    try:
+
+    def write(attempt: str) -> Manifest:
         infos = {}
         for name, df in splits.items():
             n = num_shards(estimated_rows[name], num_workers, target_rows)
-            cached = df.persist(StorageLevel.MEMORY_AND_DISK)
-            try:
-                infos[name] = write_split(cached, place, f"{attempt}/{name}", spec, n, cfg)
-            finally:
-                cached.unpersist()
-            log.info("wrote %s: %d rows in %d shards", name, infos[name].rows, n)
-        manifest = make_manifest(
+            infos[name] = write_split(df, place, f"{attempt}/{name}", spec, n, cfg)
+            log.info(
+                "wrote %s: %d rows in %d shards", name, infos[name].rows, len(infos[name].shards)
+            )
+        return make_manifest(
             fingerprint,
             spec,
             infos,
@@ -219,9 +215,5 @@ def write_shards(
             source=source,
             num_workers=num_workers,
         )
-        commit(place, attempt, manifest)
-    except BaseException:
-        abandon(place, attempt)
-        raise
-    remove_older_attempts(place, attempt)
-    return ShardSet(folder=place.uri, manifest=manifest)
+
+    return ShardSet(folder=place.uri, manifest=write_attempt(place, write))

@@ -189,6 +189,7 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
             }
         )
     global_step = position.global_step
+    fault = planned_fault(spec, rank)
     for epoch in range(position.epoch, cfg.epochs):
         done = position.step if epoch == position.epoch else 0
         started = time.perf_counter()
@@ -205,7 +206,8 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
             schedule.step()
             loss_sum += loss.detach()
             global_step += 1
-            inject_fault(spec, rank, global_step)
+            if fault is not None and global_step == fault[1]:
+                inject_fault(fault[0], rank, global_step)
             if report and (step % cfg.progress_every_steps == 0 or step == steps):
                 report(
                     {
@@ -313,19 +315,19 @@ def _checkpoint(
 FAULT_ENV = "LEPTON_FAULT_INJECT"
 
 
-def inject_fault(spec: TrainSpec, rank: int, global_step: int) -> None:
-    """Test hook, off unless ``train.fault_inject`` or ``LEPTON_FAULT_INJECT`` is set.
-
-    ``kill:RANK:STEP`` kills this rank's process (SIGKILL, as the OOM killer would) and
-    ``hang:RANK:STEP`` makes it sleep forever, at global step STEP of the first attempt only, so
-    that a retry can succeed.
-    """
+def planned_fault(spec: TrainSpec, rank: int) -> tuple[str, int] | None:
+    """Test hook, off unless ``train.fault_inject`` or ``LEPTON_FAULT_INJECT`` is set: the fault
+    (``kill`` or ``hang``) and the global step it hits this rank at, on the first attempt only,
+    so that a retry can succeed."""
     fault = spec.train.fault_inject or os.environ.get(FAULT_ENV)
     if not fault or spec.attempt != 0:
-        return
+        return None
     kind, fault_rank, fault_step = fault.split(":")
-    if int(fault_rank) != rank or int(fault_step) != global_step:
-        return
+    return (kind, int(fault_step)) if int(fault_rank) == rank else None
+
+
+def inject_fault(kind: str, rank: int, global_step: int) -> None:
+    """``kill``: SIGKILL this rank's process (as the OOM killer would); ``hang``: sleep forever."""
     log.warning("injected fault %r on rank %d at step %d", kind, rank, global_step)
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
