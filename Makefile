@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lepton-installed
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast lint format lock clean bench bench-data-path bench-memory \
-	bench-scaling bench-petastorm bench-petastorm-env
+	bench-scaling bench-petastorm bench-petastorm-env bench-recovery
 
 $(STAMP): pyproject.toml constraints.txt scripts/install_horovod.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-memory: setup
 
 bench-scaling: setup
 	$(BIN)/python -m benchmarks.scaling
+
+bench-recovery: setup
+	$(BIN)/python -m benchmarks.recovery
 
 bench-petastorm: setup bench-petastorm-env
 	$(BIN)/python -m benchmarks.vs_petastorm

@@ -50,11 +50,20 @@ def synthetic_table(rows: int, seed: int) -> pa.Table:
     return pa.Table.from_batches(pa.table(columns).to_batches(max_chunksize=RECORD_BATCH_ROWS))
 
 
-def synthetic_shards(folder: Path, rows: int, rows_per_shard: int = 250_000) -> Manifest:
-    """A committed shard folder of ``rows`` synthetic training rows (reused when present)."""
+def committed(folder: Path) -> Manifest | None:
+    """The benchmark folder's manifest, or ``None`` when it has to be written (again)."""
+    from lepton_spark.manifest import ShardError
     from lepton_spark.shardio import find_committed
 
-    manifest, _ = find_committed(folder)
+    try:
+        return find_committed(folder)[0]
+    except ShardError:  # damaged: write it again
+        return None
+
+
+def synthetic_shards(folder: Path, rows: int, rows_per_shard: int = 250_000) -> Manifest:
+    """A committed shard folder of ``rows`` synthetic training rows (reused when present)."""
+    manifest = committed(folder)
     if manifest is not None and manifest.split("train").rows == rows:
         return manifest
     tables = (

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import functools
 
-from benchmarks._common import SPEC, WORK, median, report, synthetic_table
+from benchmarks._common import SPEC, WORK, committed, median, report, synthetic_table
 from lepton_spark.barrier import run_barrier
 from lepton_spark.config import ModelConfig, SparkConfig, TrainConfig
 from lepton_spark.etl import spark_session
-from lepton_spark.shardio import find_committed, write_local_shards
+from lepton_spark.shardio import write_local_shards
 from lepton_spark.train import TrainSpec, train_rank
 
 HEAVY_MODEL = ModelConfig(hidden=[1024, 1024], embedding_dim=8)
@@ -24,7 +24,7 @@ HEAVY_MODEL = ModelConfig(hidden=[1024, 1024], embedding_dim=8)
 
 def shards(rows: int) -> str:
     folder = WORK / "bench" / f"scaling-{rows}"
-    if find_committed(folder)[0] is None:
+    if committed(folder) is None:
         half = rows // 2
         write_local_shards(
             folder,

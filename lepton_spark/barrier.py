@@ -43,7 +43,10 @@ from typing import Any, TypeVar
 import cloudpickle
 import psutil
 
+from lepton_spark.errors import InfrastructureError, InputError
 from lepton_spark.events import ENV_VAR, Event, EventClient, EventServer
+from lepton_spark.rank_main import INPUT_ERROR_MARK
+from lepton_spark.watchdog import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +57,16 @@ class BarrierError(RuntimeError):
     """The barrier stage failed; the message names the rank and host when one failed."""
 
 
-class SlotsError(BarrierError):
+class RankInputError(BarrierError, InputError):
+    """A rank found bad input (a shard that does not match its manifest, too few rows)."""
+
+
+class SlotsError(BarrierError, InfrastructureError):
     """The cluster cannot run all ranks at once."""
+
+
+class StallError(BarrierError, InfrastructureError):
+    """No rank made progress within the stall timeout; the message names the ranks behind."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +193,13 @@ class RendezvousService:
 
 @dataclass(frozen=True)
 class BarrierSettings:
-    gloo_timeout_s: int = 120
+    gloo_timeout_s: int = 120  # Horovod's Gloo rendezvous and connection timeout
+    stall_timeout_s: float = 300.0  # no rank moved for this long: the stage is failed
+
+    @property
+    def startup_s(self) -> float:
+        """How long ranks may take to start: the rendezvous may wait the Gloo timeout."""
+        return max(self.stall_timeout_s, self.gloo_timeout_s + 30.0)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -211,7 +228,8 @@ def _run_child(payload: bytes, ctx: RankContext, env: dict[str, str]) -> bytes:
         result = work / "out.pkl"
         if code == 0 and result.is_file():
             return result.read_bytes()
-        raise BarrierError(_failure_message(ctx, code, work))
+        error = RankInputError if (work / INPUT_ERROR_MARK).exists() else BarrierError
+        raise error(_failure_message(ctx, code, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -222,8 +240,14 @@ def _failure_message(ctx: RankContext, code: int, work: Path) -> str:
     if error.is_file():
         return f"{where} failed: {error.read_text().strip()}"
     tail = (work / "rank.log").read_text(errors="replace").strip().splitlines()[-20:]
-    reason = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-    return f"{where} {reason}; last lines of its log:\n" + "\n".join(tail)
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        reason = f"was killed by {name}" + (
+            " (out of memory, or killed from outside)" if -code == signal.SIGKILL else ""
+        )
+    else:
+        reason = f"exited with code {code}"
+    return f"{where} {reason}\nlast lines of its log:\n" + "\n".join(tail)
 
 
 def _barrier_task(payload: bytes, events: str | None, settings: BarrierSettings):
@@ -257,7 +281,14 @@ def _barrier_task(payload: bytes, events: str | None, settings: BarrierSettings)
                 result = _run_child(payload, RankContext(slot=slots[rank], gpus=gpus), env)
             except BarrierError as err:
                 if client:
-                    client.send({"event": "rank_failed", "rank": rank, "error": str(err)})
+                    client.send(
+                        {
+                            "event": "rank_failed",
+                            "rank": rank,
+                            "error": str(err),
+                            "input_error": isinstance(err, InputError),
+                        }
+                    )
                 raise
             tc.barrier()  # everyone is done with the rendezvous server
         finally:
@@ -281,14 +312,41 @@ def available_slots(spark: Any) -> int:
         return int(sc.defaultParallelism)
 
 
-def check_slots(spark: Any, num_workers: int) -> None:
-    slots = available_slots(spark)
-    if num_workers > slots:
-        master = spark.sparkContext.master
-        raise SlotsError(
-            f"train.num_workers={num_workers} ranks need {num_workers} task slots at once, but "
-            f"the cluster ({master}) has {slots}; lower train.num_workers or add executors/cores"
+def check_slots(spark: Any, num_workers: int, device: str = "auto") -> None:
+    """Fail now, not after waiting forever, when the ranks cannot all run at once.
+
+    With ``spark.task.resource.gpu.amount`` set, Spark counts only the slots that also have GPUs.
+    """
+    conf = spark.sparkContext.getConf()
+    problem = slot_problem(
+        num_workers,
+        available_slots(spark),
+        device,
+        float(conf.get("spark.task.resource.gpu.amount", "0")),
+        spark.sparkContext.master,
+    )
+    if problem:
+        raise SlotsError(problem)
+
+
+def slot_problem(
+    num_workers: int, slots: int, device: str, task_gpus: float, master: str
+) -> str | None:
+    """What stops ``num_workers`` ranks from running at once (``None``: nothing)."""
+    if device == "cuda" and task_gpus <= 0:
+        return (
+            "train.device is 'cuda' but Spark assigns no GPUs to tasks: set "
+            "spark.task.resource.gpu.amount (and spark.executor.resource.gpu.amount with a "
+            "discovery script), or use train.device: auto"
         )
+    if num_workers > slots:
+        what = "task slots with GPUs" if task_gpus > 0 else "task slots"
+        return (
+            f"train.num_workers={num_workers} ranks need {num_workers} {what} at once, but "
+            f"the cluster ({master}) has {slots}; lower train.num_workers or add executors/"
+            + ("GPUs" if task_gpus > 0 else "cores")
+        )
+    return None
 
 
 def run_barrier(
@@ -297,26 +355,36 @@ def run_barrier(
     num_workers: int,
     on_event: Callable[[Event], None] | None = None,
     settings: BarrierSettings | None = None,
+    device: str = "auto",
 ) -> list[T]:
     """Run ``fn`` on ``num_workers`` ranks in one barrier stage; results ordered by rank.
 
     ``on_event`` receives the ranks' reports (``ctx.report``) on the driver as they arrive.
     """
     settings = settings or BarrierSettings()
-    check_slots(spark, num_workers)
+    check_slots(spark, num_workers, device)
     sc = spark.sparkContext
     payload = cloudpickle.dumps(fn)
     failures: list[Event] = []
+    group = f"lepton-barrier-{uuid.uuid4().hex[:8]}"
+    watch = StallWatch(
+        num_workers,
+        timeout_s=settings.stall_timeout_s,
+        startup_s=settings.startup_s,
+        on_stall=lambda message: sc.cancelJobGroup(group),
+    )
 
     def handle(event: Event) -> None:
         if event.get("event") == "rank_failed":
             failures.append(event)
+        elif event.get("event") == "heartbeat":
+            watch.observe(event)
+            return
         if on_event is not None:
             on_event(event)
 
     driver_host = sc.getConf().get("spark.driver.host", "127.0.0.1")
-    group = f"lepton-barrier-{uuid.uuid4().hex[:8]}"
-    with EventServer(driver_host, handle) as events:
+    with EventServer(driver_host, handle) as events, _quiet_task_failures(spark):
         task = _barrier_task(payload, events.address, settings)
         sc.setJobGroup(group, f"lepton-spark: {num_workers} Horovod ranks", True)
         try:
@@ -324,24 +392,78 @@ def run_barrier(
             raw = rdd.collect()
         except KeyboardInterrupt:
             sc.cancelJobGroup(group)
+            _wait_for_tasks_to_end(sc, group, timeout_s=10.0)  # the ranks go with their tasks
             raise
         except Exception as err:
-            raise BarrierError(_stage_failure(err, failures)) from err
+            _wait_for_tasks_to_end(sc, group)  # their slots free, their last words logged
+            if watch.message is not None:
+                raise StallError(watch.message) from None
+            message, input_error = _stage_failure(err, failures)
+            raise (RankInputError if input_error else BarrierError)(message) from None
         finally:
+            watch.close()
             sc.setLocalProperty("spark.jobGroup.id", None)
     results = [pickle.loads(r) for r in raw]
     return [value for _, value in sorted(results, key=lambda rv: rv[0])]
 
 
-def _stage_failure(err: BaseException, failures: list[Event]) -> str:
-    """The failed rank's own message if one reported it, else the gist of Spark's error."""
+def _wait_for_tasks_to_end(sc: Any, group: str, timeout_s: float = 15.0) -> None:
+    """After a failed stage, wait (a little) until Spark has killed the other ranks' tasks."""
+    tracker = sc.statusTracker()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        active = 0
+        for job in tracker.getJobIdsForGroup(group):
+            info = tracker.getJobInfo(job)
+            for stage in info.stageIds if info else []:
+                stage_info = tracker.getStageInfo(stage)
+                active += stage_info.numActiveTasks if stage_info else 0
+        if active == 0:
+            return
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _quiet_task_failures(spark: Any) -> Iterator[None]:
+    """Keep Spark's own report of a failed rank (a Java stack trace around the Python one) off
+    the console while the stage runs: the rank's message reaches the user through BarrierError."""
+    try:
+        jvm = spark.sparkContext._jvm
+        configurator = jvm.org.apache.logging.log4j.core.config.Configurator
+        manager = jvm.org.apache.logging.log4j.LogManager
+        level = jvm.org.apache.logging.log4j.Level
+    except Exception:  # no JVM access (Spark Connect): leave logging as it is
+        yield
+        return
+    before = {name: manager.getLogger(name).getLevel() for name in _NOISY_ON_TASK_FAILURE}
+    for name in _NOISY_ON_TASK_FAILURE:
+        configurator.setLevel(name, level.OFF)
+    try:
+        yield
+    finally:
+        for name, old in before.items():
+            configurator.setLevel(name, old)
+
+
+_NOISY_ON_TASK_FAILURE = (
+    "org.apache.spark.scheduler.TaskSetManager",
+    "org.apache.spark.executor.Executor",
+    "org.apache.spark.scheduler.DAGScheduler",
+)
+
+
+def _stage_failure(err: BaseException, failures: list[Event]) -> tuple[str, bool]:
+    """The failed rank's own message if one reported it, else the gist of Spark's error; and
+    whether it was bad input (not worth a retry)."""
     deadline = time.monotonic() + 2.0  # the rank's report may still be on its way
     while not failures and time.monotonic() < deadline:
         time.sleep(0.05)
     if failures:
-        return str(failures[0]["error"])
+        return str(failures[0]["error"]), bool(failures[0].get("input_error"))
     text = str(err)
-    found = re.search(r"BarrierError: (rank \d+ .*?)(?:\n\s*at |\Z)", text, re.S)
+    found = re.search(
+        r"(Rank(?:Input)?Error|BarrierError): (rank \d+ .*?)(?:\n\s*at |\Z)", text, re.S
+    )
     if found:
-        return found.group(1).strip()
-    return "barrier stage failed: " + (text if len(text) < 2000 else text[:2000] + " …")
+        return found.group(2).strip(), found.group(1) == "RankInputError"
+    return "barrier stage failed: " + (text if len(text) < 2000 else text[:2000] + " …"), False

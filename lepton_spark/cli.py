@@ -1,7 +1,9 @@
 """``lepton-spark``: the command line.
 
-Exit codes: 0 success; 2 bad input (config, data, shards: a retry will not help); 3 training
-failed; 4 infrastructure (not enough Spark slots, a lost rank); 130 interrupted.
+Exit codes (:mod:`lepton_spark.errors`): 0 success, or the run key's run had finished already;
+2 bad input (config, data, shards: a retry will not help until someone fixes it); 3 training
+failed (a rank's error, after the retries); 4 infrastructure (too few Spark slots or GPUs, a
+stalled rank after the retries: a later retry may help); 130 interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -15,14 +17,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from lepton_spark.config import ConfigError, load_config, parse_override
-
-EXIT_BAD_INPUT = 2
-EXIT_TRAINING = 3
-EXIT_INFRA = 4
-EXIT_INTERRUPTED = 130
+from lepton_spark.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, InfrastructureError, exit_code
 
 app = typer.Typer(
     add_completion=False,
@@ -73,11 +72,20 @@ def run(
             help="Write the shards again even if committed ones match the dataset fingerprint.",
         ),
     ] = False,
+    run_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Idempotent scheduled runs (e.g. the run date): a finished run with this key "
+            "is not run again, an unfinished one resumes from its checkpoint."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="With --run-key: start a fresh run regardless.")
+    ] = False,
 ) -> None:
     """Run a pipeline end to end and print where the results are."""
-    from lepton_spark.barrier import BarrierError, SlotsError
-    from lepton_spark.etl import DataError
-    from lepton_spark.manifest import ShardError
+    from lepton_spark.barrier import BarrierError
+    from lepton_spark.errors import InputError
 
     try:
         overrides = dict(parse_override(s) for s in set_ or [])
@@ -95,21 +103,35 @@ def run(
     signal.signal(signal.SIGTERM, _interrupt)
     console.print(f"[bold]lepton-spark[/] {cfg.name}: {cfg.description or pipeline}")
     try:
-        result = run_pipeline(cfg, tracking_uri=tracking_uri, rebuild_shards=rebuild_shards)
+        result = run_pipeline(
+            cfg,
+            tracking_uri=tracking_uri,
+            rebuild_shards=rebuild_shards,
+            run_key=run_key,
+            force=force,
+        )
     except KeyboardInterrupt:
         _fail("interrupted; the MLflow run is marked KILLED", EXIT_INTERRUPTED)
-    except (DataError, ShardError) as err:
-        _fail(str(err), EXIT_BAD_INPUT)
-    except SlotsError as err:
-        _fail(str(err), EXIT_INFRA)
-    except BarrierError as err:
-        _fail(str(err), EXIT_TRAINING)
+    except (InputError, InfrastructureError, BarrierError) as err:
+        _fail(str(err), exit_code(err))
+
+    if result.outcome == "already_finished":
+        console.print(
+            f"run key {result.run_key}: finished already in MLflow run {result.run_id}; "
+            "nothing to do (--force runs it again)",
+            soft_wrap=True,
+        )
+    elif result.outcome == "resumed":
+        console.print(
+            f"run key {result.run_key}: resumed the unfinished run {result.run_id}", soft_wrap=True
+        )
 
     table = Table(title=f"{cfg.name}: done", show_header=False, title_justify="left")
     for key, value in result.metrics.items():
         table.add_row(key, f"{value:.4f}")
     table.add_row("rows", ", ".join(f"{k} {v:,}" for k, v in result.rows.items()))
-    table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    if result.timings:
+        table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     Console().print(table)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
@@ -129,7 +151,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}")
+    console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -15,8 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lepton_spark.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """The pipeline file cannot be used as it is; the message names the file and the field."""
 
 
@@ -168,6 +170,14 @@ class TrainConfig(_Frozen):
     retries: int = Field(
         2, ge=0, description="times a failed training stage is run again, from the checkpoint"
     )
+    stall_timeout_s: float = Field(
+        300.0,
+        gt=0.0,
+        description="fail the training stage when no rank moves for this long (names the rank)",
+    )
+    gloo_timeout_s: int = Field(
+        120, gt=0, description="Horovod's Gloo rendezvous and connection timeout"
+    )
     fault_inject: str | None = Field(
         None,
         pattern=r"^(kill|hang):\d+:\d+$",
@@ -226,6 +236,27 @@ class PipelineConfig(_Frozen):
     def fingerprint(self, *sections: str) -> str:
         """A stable hash of the named sections (all of them when none are named)."""
         dump = self.model_dump(mode="json", include=set(sections) if sections else None)
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+    def training_fingerprint(self) -> str:
+        """A hash of what decides the trained model (data, features, split, shards, model, the
+        training settings); not where it runs, how it is tracked or how failures are handled.
+
+        A run key resumes an unfinished run only when this is unchanged.
+        """
+        operational = {
+            "retries",
+            "fault_inject",
+            "stall_timeout_s",
+            "gloo_timeout_s",
+            "progress_every_steps",
+            "threads_per_rank",
+            "horovod_cycle_time_ms",
+            "checkpoint_root",
+            "device",
+        }
+        dump = self.model_dump(mode="json", exclude={"spark", "tracking", "description"})
+        dump["train"] = {k: v for k, v in dump["train"].items() if k not in operational}
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> PipelineConfig:

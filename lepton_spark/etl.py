@@ -28,12 +28,13 @@ from lepton_spark.config import (
     SparkConfig,
     SplitConfig,
 )
+from lepton_spark.errors import InputError
 from lepton_spark.spec import UNKNOWN_INDEX, CategoricalFeature, FeatureSpec
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The input data cannot be trained on; the message names the source or column."""
 
 

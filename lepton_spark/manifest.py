@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lepton_spark.errors import InputError
 from lepton_spark.spec import FeatureSpec
 from lepton_spark.storage import Location, locate
 
@@ -23,7 +24,7 @@ Tail = Literal["drop", "pad"]
 KeyValue = int | float | str | None
 
 
-class ShardError(RuntimeError):
+class ShardError(InputError):
     """A shard folder is missing, incomplete or does not match its manifest."""
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -23,23 +25,38 @@ import yaml
 from pyspark.sql import SparkSession
 
 from lepton_spark import __version__
-from lepton_spark.barrier import BarrierError, run_barrier
+from lepton_spark.barrier import (
+    BarrierError,
+    BarrierSettings,
+    SlotsError,
+    check_slots,
+    run_barrier,
+)
 from lepton_spark.checkpoint import CHECKPOINT_NAME
 from lepton_spark.config import PipelineConfig, load_config
-from lepton_spark.etl import prepare, spark_session
+from lepton_spark.errors import InputError
+from lepton_spark.etl import DataError, prepare, spark_session
 from lepton_spark.fingerprint import dataset_fingerprint
 from lepton_spark.loader import record_batches
-from lepton_spark.manifest import SkewReport
+from lepton_spark.manifest import Manifest, SkewReport
 from lepton_spark.models import ExportedClassifier, build_model
 from lepton_spark.progress import ConsoleProgress
 from lepton_spark.shardio import find_committed
 from lepton_spark.shards import ShardSet, write_shards
 from lepton_spark.spec import FeatureSpec
-from lepton_spark.storage import locate
-from lepton_spark.tracking import TrackedRun, resolve_tracking
+from lepton_spark.storage import Location, locate
+from lepton_spark.tracking import (
+    RUN_KEY_TAG,
+    TrackedRun,
+    TrackingTarget,
+    find_keyed_run,
+    resolve_tracking,
+)
 from lepton_spark.train import TrainResult, TrainSpec, train_rank
 
 log = logging.getLogger(__name__)
+
+CONFIG_HASH_TAG = "pipeline.config_hash"
 
 
 @dataclass
@@ -56,6 +73,8 @@ class PipelineResult:
     timings: dict[str, float] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    outcome: Literal["trained", "resumed", "already_finished"] = "trained"
+    run_key: str | None = None
 
 
 @contextmanager
@@ -124,10 +143,14 @@ def train_with_retries(
     """Run the training stage; when a rank fails, run it again (``train.retries`` times).
 
     Each new attempt resumes from the last checkpoint rank 0 wrote, not from step 0. Returns the
-    ranks' results and how many attempts it took. Not retried: too few slots (the cluster will
-    not change by itself) and interrupts.
+    ranks' results and how many attempts it took. Not retried: bad input found by a rank (a
+    shard that does not match its manifest), too few slots (the cluster will not change by
+    itself), interrupts. A stalled or lost rank is retried.
     """
     attempts = 1 + spec.train.retries
+    settings = BarrierSettings(
+        gloo_timeout_s=spec.train.gloo_timeout_s, stall_timeout_s=spec.train.stall_timeout_s
+    )
     for attempt in range(attempts):
         try:
             results = run_barrier(
@@ -135,10 +158,12 @@ def train_with_retries(
                 functools.partial(train_rank, dataclasses.replace(spec, attempt=attempt)),
                 spec.train.num_workers,
                 on_event=on_event,
+                settings=settings,
+                device=spec.train.device,
             )
             return results, attempt + 1
         except BarrierError as err:
-            if attempt + 1 == attempts:
+            if attempt + 1 == attempts or isinstance(err, InputError | SlotsError):
                 raise
             log.warning(
                 "training attempt %d of %d failed: %s; running the stage again from the last "
@@ -149,6 +174,53 @@ def train_with_retries(
             )
             on_event({"event": "retry", "attempt": attempt + 2, "of": attempts})
     raise AssertionError("unreachable")
+
+
+RUN_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
+FINAL_METRICS = ("train_loss", "val_loss", "val_accuracy", "samples_per_second", "epoch_seconds")
+
+
+def check_trainable(cfg: PipelineConfig, manifest: Manifest) -> None:
+    """Enough training rows for every rank to run at least one full step (before submitting)."""
+    train = manifest.split("train")
+    size, batch = cfg.train.num_workers, cfg.train.batch_size
+    rows_per_rank = train.rows_per_rank(size)
+    if train.rows < size or min(rows_per_rank) == 0:
+        raise DataError(
+            f"{train.rows} training rows for train.num_workers={size} ranks: every rank needs "
+            f"rows (rows per rank: {rows_per_rank}); lower train.num_workers or add data"
+        )
+    if train.steps_per_epoch(size, batch, cfg.train.tail) == 0:
+        raise DataError(
+            f"no full step: rows per rank {rows_per_rank} with train.batch_size={batch} "
+            "(train.tail: drop); lower train.batch_size or set train.tail: pad"
+        )
+
+
+def _finished_result(
+    previous: Any, target: TrackingTarget, experiment: str, run_key: str
+) -> PipelineResult:
+    """What a finished run of the same key produced, read back from MLflow (no new training)."""
+    tags, metrics = previous.data.tags, previous.data.metrics
+    return PipelineResult(
+        run_id=previous.info.run_id,
+        experiment=experiment,
+        tracking_uri=target.tracking_uri,
+        ui_command=target.ui_command,
+        model_uri=tags.get("model_uri", f"runs:/{previous.info.run_id}/model"),
+        shard_folder=tags.get("shards", ""),
+        shards_reused=True,
+        metrics={k: metrics[k] for k in FINAL_METRICS if k in metrics},
+        history=[],
+        rows={
+            split: int(tags[f"rows.{split}"])
+            for split in ("train", "validation")
+            if f"rows.{split}" in tags
+        },
+        warnings=[],
+        outcome="already_finished",
+        run_key=run_key,
+    )
 
 
 def skew_warnings(cfg: PipelineConfig, reports: dict[str, SkewReport]) -> list[str]:
@@ -228,28 +300,87 @@ def run_pipeline(
     tracking_uri: str | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     rebuild_shards: bool = False,
+    run_key: str | None = None,
+    force: bool = False,
 ) -> PipelineResult:
     """Run the whole pipeline and return where everything went.
 
     ``spark``: an existing session (a notebook's); otherwise one is made from ``config.spark``.
     ``progress``: receives rank events; by default they are shown on the console.
     ``rebuild_shards``: write the shards again even if committed ones match the fingerprint.
+    ``run_key`` (a scheduled run's date, say) makes the call idempotent: a finished run with the
+    same key is returned as it is (``outcome="already_finished"``, no Spark, no training); an
+    unfinished one (failed, killed) is resumed, the same MLflow run, from its last checkpoint;
+    ``force`` starts a fresh run whatever exists.
     """
     cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+    if run_key is not None and not RUN_KEY_PATTERN.match(run_key):
+        raise InputError(
+            f"--run-key {run_key!r}: use letters, digits and _ . : + - (up to 128), "
+            "e.g. a date 2026-11-22"
+        )
     target = resolve_tracking(cfg.tracking, tracking_uri)
     timings: dict[str, float] = {}
     experiment = cfg.tracking.experiment or cfg.name
+    tags = {
+        "lepton_spark.version": __version__,
+        "pipeline": cfg.name,
+        CONFIG_HASH_TAG: cfg.training_fingerprint(),
+    }
+    previous = None
+    if run_key is not None:
+        tags[RUN_KEY_TAG] = run_key
+        previous = None if force else find_keyed_run(target, experiment, run_key)
+        if previous is not None and previous.info.status == "FINISHED":
+            log.info("run key %s finished already in run %s", run_key, previous.info.run_id)
+            return _finished_result(previous, target, experiment, run_key)
+        if (
+            previous is not None
+            and previous.data.tags.get(CONFIG_HASH_TAG) != tags[CONFIG_HASH_TAG]
+        ):
+            raise InputError(
+                f"run key {run_key}: the unfinished run {previous.info.run_id} was started with "
+                "another pipeline config (data, features, model or training settings changed); "
+                "--force starts a fresh run"
+            )
     console = ConsoleProgress() if progress is None else None
     show = progress or console
     assert show is not None
-    tags = {"lepton_spark.version": __version__, "pipeline": cfg.name}
+    resume = previous.info.run_id if previous is not None else None
+    run_name = cfg.tracking.run_name or (f"{cfg.name}-{run_key}" if run_key else None)
 
-    with TrackedRun(target, experiment, cfg.tracking.run_name, tags) as run:
-        run.log_params(cfg.flat())
-        run.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    with TrackedRun(target, experiment, run_name, tags, resume_run_id=resume) as run:
+        if resume is None:
+            run.log_params(cfg.flat())
+            run.log_text(
+                yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml"
+            )
+        else:
+            log.info(
+                "run key %s: resuming the unfinished run %s (%s)",
+                run_key,
+                resume,
+                previous.info.status,
+            )
         spark = spark or spark_session(cfg.spark, app_name=f"lepton-spark {cfg.name}")
+        check_slots(spark, cfg.train.num_workers, cfg.train.device)  # before any work
         shard_set = materialize_shards(spark, cfg, rebuild=rebuild_shards, timings=timings)
         manifest = shard_set.manifest
+        if previous is not None and previous.data.tags.get("dataset.fingerprint") not in (
+            None,
+            manifest.fingerprint,
+        ):
+            raise InputError(
+                f"run key {run_key}: the data changed since run {resume} started (dataset "
+                "fingerprint differs), so its checkpoint does not apply; --force starts a "
+                "fresh run"
+            )
+        try:
+            check_trainable(cfg, manifest)
+        except DataError:
+            if not shard_set.reused:  # written for nothing: do not leave them behind
+                locate(shard_set.folder).delete_folder()
+            raise
         run.log_text(manifest.to_json(), "manifest.json")
         rows = {name: s.rows for name, s in manifest.splits.items()}
         skew = {name: s.skew(cfg.train.num_workers) for name, s in manifest.splits.items()}
@@ -303,11 +434,6 @@ def run_pipeline(
         if attempts > 1:
             warnings.append(f"training needed {attempts} attempts; it resumed from checkpoints")
         chief = results[0]
-        if (
-            checkpoints.child(CHECKPOINT_NAME).is_local
-            and checkpoints.child(CHECKPOINT_NAME).is_file()
-        ):
-            run.log_file(checkpoints.child(CHECKPOINT_NAME).path, "checkpoint")
         with _timed(timings, "model_logging"):
             feature_spec = manifest.feature_spec
             example = input_example(shard_set)
@@ -317,9 +443,11 @@ def run_pipeline(
                 input_example=example,
                 pip_requirements=_pip_requirements(),
             )
+        run.set_tags({"model_uri": model_uri})
         run.log_json(chief.history, "history.json")
         run.log_metrics({f"time_{k}_s": v for k, v in timings.items()}, step=0)
         final = {k: v for k, v in chief.history[-1].items() if k != "epoch"}
+        keep_checkpoint(run, checkpoints)
         return PipelineResult(
             run_id=run.run_id,
             experiment=experiment,
@@ -333,4 +461,20 @@ def run_pipeline(
             timings=timings,
             rows=rows,
             warnings=warnings,
+            outcome="resumed" if resume else "trained",
+            run_key=run_key,
         )
+
+
+def keep_checkpoint(run: TrackedRun, folder: Location) -> None:
+    """Log the last checkpoint as the run's ``checkpoint/`` artifact, then remove the folder
+    (training is over; MLflow holds the copy)."""
+    source = folder.child(CHECKPOINT_NAME)
+    if not source.is_file():
+        return
+    with tempfile.TemporaryDirectory(prefix="lepton-checkpoint-") as tmp:
+        local = Path(source.path) if source.is_local else Path(tmp) / CHECKPOINT_NAME
+        if not source.is_local:
+            local.write_bytes(source.read_bytes())
+        run.log_file(local, "checkpoint")
+    folder.delete_folder()

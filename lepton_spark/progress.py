@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
@@ -26,11 +27,13 @@ class ConsoleProgress:
         self._task: Any = None
         self._epochs = 0
         self._last_quarter = -1
+        self._failure_shown = False
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
         if kind == "start":
             self.close()  # a new attempt after a retry starts its own display
+            self._failure_shown = False
             self._epochs = int(event["epochs"])
             self.console.print(
                 f"training: {event['size']} ranks on {event['device']}, "
@@ -61,9 +64,12 @@ class ConsoleProgress:
                 f"epoch {event['epoch']}/{self._epochs}  {format_metrics(event['metrics'])}"
             )
         elif kind == "rank_failed":
-            self.console.print(f"[red]{event['error'].splitlines()[0]}")
+            if not self._failure_shown:  # the first failure; the others follow from it
+                self._failure_shown = True
+                self.console.print(f"[red]{escape(event['error'].splitlines()[0])}", soft_wrap=True)
         elif kind == "retry":
             self.close()
+            self._failure_shown = False
             self._task = None
             self.console.print(
                 f"[yellow]retrying the training stage (attempt {event['attempt']} of "

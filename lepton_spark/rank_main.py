@@ -2,7 +2,8 @@
 
 ``python -m lepton_spark.rank_main WORKDIR`` reads ``WORKDIR/in.pkl`` (the pickled function, then
 the pickled :class:`~lepton_spark.barrier.RankContext`), runs the function, and writes
-``out.pkl`` (``(rank, result)``) or ``error.txt`` and a non-zero exit code.
+``out.pkl`` (``(rank, result)``) or ``error.txt`` (and ``input_error`` when the error was bad
+input) and a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from pathlib import Path
 
 import cloudpickle
 
+from lepton_spark.errors import InputError
 from lepton_spark.events import ENV_VAR, EventClient
+
+INPUT_ERROR_MARK = "input_error"  # present when the rank failed on bad input (no retry helps)
 
 
 def _exit_when_orphaned(parent: int) -> None:
@@ -43,6 +47,8 @@ def main(workdir: str) -> int:
     except BaseException as err:
         text = f"{type(err).__name__}: {err}"
         (work / "error.txt").write_text(text + "\n\n" + traceback.format_exc())
+        if isinstance(err, InputError):
+            (work / INPUT_ERROR_MARK).touch()
         print(traceback.format_exc(), file=sys.stderr)
         return 1
     finally:

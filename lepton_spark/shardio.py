@@ -187,9 +187,11 @@ def abandon(folder: str | Path | Location, attempt: str) -> None:
 
 
 def find_committed(folder: str | Path | Location) -> tuple[Manifest | None, str]:
-    """The folder's manifest when it is committed and its files are there with the right sizes.
+    """The folder's manifest when it is committed; ``None`` and why when nothing is committed.
 
-    Otherwise ``None`` and why (checksums are checked by the loader, which reads the files anyway).
+    A committed folder whose files do not match its manifest (missing, other sizes) raises
+    :class:`ShardError` naming the file: damaged data is reported, not silently replaced.
+    Checksums are checked by the ranks, which read their own files anyway, before training.
     """
     place = locate(folder)
     if not place.child(MANIFEST_NAME).exists():
@@ -200,7 +202,10 @@ def find_committed(folder: str | Path | Location) -> tuple[Manifest | None, str]
             for shard in split.shards:
                 verify_shard(place, shard, checksum=False)
     except ShardError as err:
-        return None, f"the shards at {place.uri} cannot be reused: {err}"
+        raise ShardError(
+            f"the committed shards do not match their manifest: {err}; "
+            "--rebuild-shards writes them again"
+        ) from None
     return manifest, "committed"
 
 

@@ -7,6 +7,7 @@ at a server instead. The run is marked FINISHED, FAILED (with the error as a tag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -54,6 +55,24 @@ def resolve_tracking(cfg: TrackingConfig, override: str | None = None) -> Tracki
     )
 
 
+RUN_KEY_TAG = "lepton.run_key"
+
+
+def find_keyed_run(target: TrackingTarget, experiment: str, run_key: str) -> Any | None:
+    """The latest run of ``experiment`` tagged with ``run_key`` (``None``: there is none)."""
+    client = MlflowClient(target.tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",  # keys are checked: no quotes
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
 def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
@@ -71,8 +90,10 @@ class TrackedRun:
         experiment: str,
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
+        resume_run_id: str | None = None,
     ) -> None:
         self.target = target
+        self.resume_run_id = resume_run_id
         self.experiment = experiment
         self.run_name = run_name
         self.tags = tags or {}
@@ -89,13 +110,19 @@ class TrackedRun:
         )
         mlflow.set_tracking_uri(self.target.tracking_uri)
         exp = experiment_id(self.client, self.experiment, self.target.artifact_root)
-        run = mlflow.start_run(experiment_id=exp, run_name=self.run_name, tags=self.tags)
+        if self.resume_run_id:  # the same run again: RUNNING, its params and metrics kept
+            run = mlflow.start_run(run_id=self.resume_run_id, tags=self.tags)
+        else:
+            run = mlflow.start_run(experiment_id=exp, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         if exc_type is None:
             status = RunStatus.to_string(RunStatus.FINISHED)
+            if self.resume_run_id:  # an earlier attempt's error no longer describes the run
+                with contextlib.suppress(Exception):
+                    self.client.delete_tag(self.run_id, "error")
         elif issubclass(exc_type, KeyboardInterrupt):
             status = RunStatus.to_string(RunStatus.KILLED)
         else:

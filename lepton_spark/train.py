@@ -8,6 +8,7 @@ No Spark, no MLflow: progress and metrics leave through the ``report`` callback.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -23,13 +24,23 @@ from torch import nn
 
 from lepton_spark.checkpoint import Checkpoint, Position, load_checkpoint, save_checkpoint
 from lepton_spark.config import ModelConfig, TrainConfig
+from lepton_spark.errors import InputError
 from lepton_spark.loader import ShardLoader
 from lepton_spark.manifest import Manifest, read_manifest
 from lepton_spark.models import build_model
+from lepton_spark.watchdog import (
+    CHECKPOINT,
+    EPOCH_CHECKPOINT,
+    EVALUATING,
+    REDUCING,
+    TRAINING,
+    Heartbeat,
+)
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], None]
+Beat = Callable[..., None]  # beat(epoch, step, doing=TRAINING, n=0): see lepton_spark.watchdog
 
 
 @dataclass(frozen=True)
@@ -96,12 +107,19 @@ def make_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def evaluate(model: nn.Module, loader: ShardLoader, device: torch.device) -> torch.Tensor:
+def evaluate(
+    model: nn.Module,
+    loader: ShardLoader,
+    device: torch.device,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """``[loss sum, correct, rows]`` over the loader, as a float64 tensor (for an allreduce)."""
     totals = torch.zeros(3, dtype=torch.float64)
     model.eval()
     with torch.no_grad():
-        for batch in loader.epoch(0):
+        for n, batch in enumerate(loader.epoch(0)):
+            if on_batch is not None:
+                on_batch(n)
             batch = batch.to(device)
             logits = model(batch.numeric, batch.categorical)
             totals[0] += F.cross_entropy(logits, batch.label, reduction="sum").item()
@@ -114,20 +132,30 @@ def _threads(cfg: TrainConfig, local_size: int) -> int:
     return cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // local_size)
 
 
-def train_worker(spec: TrainSpec, report: Report | None = None) -> TrainResult:
-    """Train on this rank's shards; every rank must call it (it joins Horovod collectives)."""
+def _no_beat(epoch: int, step: int, doing: int = TRAINING, n: int = 0) -> None:
+    pass
+
+
+def train_worker(
+    spec: TrainSpec, report: Report | None = None, beat: Beat | None = None
+) -> TrainResult:
+    """Train on this rank's shards; every rank must call it (it joins Horovod collectives).
+
+    ``report`` receives rank 0's events (progress, epoch metrics); ``beat`` (every rank's) is told
+    where the rank is at each step, for the driver's stall watch (:mod:`lepton_spark.watchdog`).
+    """
     import horovod.torch as hvd
 
     # Set before hvd.init(); a value already in the environment (a user's) wins.
     os.environ.setdefault("HOROVOD_CYCLE_TIME", str(spec.train.horovod_cycle_time_ms))
     hvd.init()
     try:
-        return _train(spec, hvd, report if hvd.rank() == 0 else None)
+        return _train(spec, hvd, report if hvd.rank() == 0 else None, beat or _no_beat)
     finally:
         hvd.shutdown()
 
 
-def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
+def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> TrainResult:
     cfg = spec.train
     rank, size = hvd.rank(), hvd.size()
     torch.set_num_threads(_threads(cfg, hvd.local_size()))
@@ -137,7 +165,7 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
     steps = train_split.steps_per_epoch(size, cfg.batch_size, cfg.tail)
     rows_per_rank = train_split.rows_per_rank(size)
     if steps == 0 or min(rows_per_rank) == 0:
-        raise ValueError(
+        raise InputError(
             f"rank {rank}: too few training rows for {size} ranks × batch {cfg.batch_size} "
             f"(rows per rank: {rows_per_rank}); lower train.batch_size or train.num_workers"
         )
@@ -196,6 +224,7 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for step, batch in enumerate(train_loader.epoch(epoch), start=1):
+            beat(epoch, step)
             if step <= done:  # batches the checkpoint already trained on (same order)
                 continue
             batch = batch.to(device)
@@ -220,6 +249,7 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
                 )
             every = cfg.checkpoint_every_steps
             if every and global_step % every == 0 and step < steps:
+                beat(epoch, step, CHECKPOINT)
                 _checkpoint(
                     spec,
                     rank,
@@ -230,10 +260,12 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
                     Position(epoch, step, global_step),
                 )
         seconds = time.perf_counter() - started
-        train_loss = hvd.allreduce(
-            loss_sum.cpu() / max(steps - done, 1), op=hvd.Average, name="train_loss"
-        )
-        val = hvd.allreduce(evaluate(model, val_loader, device), op=hvd.Sum, name="val_totals")
+        val = evaluate(model, val_loader, device, functools.partial(beat, epoch, steps, EVALUATING))
+        beat(epoch, steps, REDUCING)
+        # One allreduce per epoch: [rank mean train loss, val loss sum, correct, rows].
+        mean_loss = (loss_sum.cpu() / max(steps - done, 1)).to(torch.float64).reshape(1)
+        totals = hvd.allreduce(torch.cat([mean_loss, val]), op=hvd.Sum, name="epoch_totals")
+        train_loss, val = totals[0] / size, totals[1:]
         metrics = {
             "train_loss": float(train_loss),
             "val_loss": float(val[0] / max(val[2], 1)),
@@ -242,6 +274,7 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None) -> TrainResult:
             "epoch_seconds": seconds,
         }
         history.append({"epoch": epoch + 1, **metrics})
+        beat(epoch, steps, EPOCH_CHECKPOINT)
         _checkpoint(
             spec, rank, model, optimizer, schedule, history, Position(epoch + 1, 0, global_step)
         )
@@ -338,4 +371,10 @@ def inject_fault(kind: str, rank: int, global_step: int) -> None:
 
 def train_rank(spec: TrainSpec, ctx: Any) -> TrainResult:
     """The barrier-stage entry: ``ctx`` is a :class:`lepton_spark.barrier.RankContext`."""
-    return train_worker(spec, report=ctx.report)
+    if ctx.report is None:
+        return train_worker(spec)
+    heartbeat = Heartbeat(ctx.report, ctx.rank, ctx.slot.host)
+    try:
+        return train_worker(spec, report=ctx.report, beat=heartbeat.beat)
+    finally:
+        heartbeat.close()

@@ -9,7 +9,7 @@ import time
 import cloudpickle
 import pytest
 
-from lepton_spark.barrier import BarrierError, SlotsError, run_barrier, slot_plan
+from lepton_spark.barrier import BarrierError, SlotsError, run_barrier, slot_plan, slot_problem
 
 # Rank functions below are shipped to the rank processes by value (this module is not importable
 # there).
@@ -91,3 +91,14 @@ def test_too_many_ranks_fail_at_once_with_what_is_there(spark):
 def test_the_stage_runs_again_after_a_failure(spark):
     """No state leaks from one stage (or a failed one) into the next."""
     assert [r["sum"] for r in run_barrier(spark, allreduce_rank_values, 2)] == [30.0, 30.0]
+
+
+def test_slot_checks_say_what_is_there_and_what_was_asked():
+    assert slot_problem(2, 2, "auto", 0.0, "local[2]") is None
+    assert slot_problem(1, 4, "cuda", 1.0, "spark://m:7077") is None
+    few = slot_problem(4, 2, "auto", 0.0, "spark://m:7077")
+    assert few is not None and "train.num_workers=4" in few and "(spark://m:7077) has 2" in few
+    gpus = slot_problem(4, 2, "cuda", 1.0, "spark://m:7077")
+    assert gpus is not None and "task slots with GPUs" in gpus and "add executors/GPUs" in gpus
+    none = slot_problem(1, 8, "cuda", 0.0, "local[8]")
+    assert none is not None and "spark.task.resource.gpu.amount" in none

@@ -14,12 +14,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import run_cli
 from mlflow import MlflowClient
 
 from lepton_spark import run_pipeline
 from lepton_spark.config import PipelineConfig
 from lepton_spark.loader import record_batches
-from lepton_spark.manifest import read_manifest
+from lepton_spark.manifest import ShardError, read_manifest
 from lepton_spark.pipeline import materialize_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,18 +149,6 @@ def test_the_same_pipeline_tracks_to_an_mlflow_server_on_loopback(
     check_model_predicts(result)
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run(
-        [str(BIN / "lepton-spark"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.slow
 def test_cli_runs_the_demo_and_prints_where_the_results_are(tmp_path):
     proc = run_cli(
@@ -205,7 +194,16 @@ def test_cli_missing_source_path_is_named(tmp_path):
         "features:\n  numeric: [a]\n  label: y\n"
         f"tracking:\n  local_store: {tmp_path / 'store'}\n"
     )
-    proc = run_cli("run", str(pipeline), "--master", "local[1]", cwd=tmp_path, timeout=300)
+    proc = run_cli(
+        "run",
+        str(pipeline),
+        "--master",
+        "local[1]",
+        "--num-workers",
+        "1",
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "/nowhere/facts.parquet" in proc.stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
@@ -258,10 +256,13 @@ def test_shards_are_reused_by_fingerprint_and_rebuilt_on_demand(spark, tmp_path,
     # A changed transform or feature spec gives a new folder too.
     other = materialize_shards(spark, cfg.with_overrides({"split.seed": 7}))
     assert other.folder not in (first.folder, changed.folder)
-    # A committed folder whose files no longer match is not reused but rewritten.
+    # A committed folder whose files no longer match is reported, and rewritten on demand.
     shard = changed.manifest.split("train").shards[0]
     (Path(changed.folder) / shard.path).unlink()
-    assert not materialize_shards(spark, cfg).reused
+    with pytest.raises(ShardError, match="--rebuild-shards"):
+        materialize_shards(spark, cfg)
+    assert not materialize_shards(spark, cfg, rebuild=True).reused
+    assert materialize_shards(spark, cfg).reused
 
 
 @pytest.mark.slow

@@ -1,0 +1,158 @@
+"""No silent hangs: every rank reports where it is; the driver fails a stage that stops moving.
+
+Rank side, :class:`Heartbeat`: the training loop calls ``beat(...)`` at each step (an assignment,
+nothing more); a thread sends the latest position to the driver once a second when it changed.
+
+Driver side, :class:`StallWatch`: when no rank's position has changed for ``timeout_s`` seconds
+(or a rank has not started within ``startup_s``), it calls ``on_stall`` once with a message
+naming the rank(s) furthest behind and their hosts. In data-parallel training the others wait
+for them in a collective, so the ranks furthest behind are the ones stuck.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Send = Callable[[dict[str, Any]], None]
+
+# What a rank can be doing, in the order an epoch goes through them.
+TRAINING, CHECKPOINT, EVALUATING, REDUCING, EPOCH_CHECKPOINT = 0, 1, 2, 3, 4
+_DOING = {
+    TRAINING: "training step {step}",
+    CHECKPOINT: "writing the checkpoint after step {step}",
+    EVALUATING: "evaluating (batch {n})",
+    REDUCING: "reducing the epoch's metrics",
+    EPOCH_CHECKPOINT: "writing the epoch's checkpoint",
+}
+
+
+@dataclass(frozen=True, order=True)
+class RankState:
+    """Where a rank is: comparable, so that the lowest is the furthest behind."""
+
+    epoch: int = -1  # -1: started, not training yet
+    step: int = 0
+    doing: int = TRAINING
+    n: int = 0
+
+    def describe(self) -> str:
+        if self.epoch < 0:
+            return "at start-up (Horovod init, reading the manifest, checking the shards)"
+        return f"at epoch {self.epoch + 1}, " + _DOING[self.doing].format(step=self.step, n=self.n)
+
+
+class Heartbeat:
+    """Rank side. ``beat`` is cheap enough for every step; sending happens on a thread."""
+
+    def __init__(self, send: Send, rank: int, host: str, interval_s: float = 1.0) -> None:
+        self._send = send
+        self._rank = rank
+        self._host = host
+        self._interval = interval_s
+        self._position = RankState()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lepton-heartbeat", daemon=True)
+        self._thread.start()
+
+    def beat(self, epoch: int, step: int, doing: int = TRAINING, n: int = 0) -> None:
+        self._position = RankState(epoch, step, doing, n)
+
+    def _run(self) -> None:
+        sent: RankState | None = None
+        while True:
+            position = self._position
+            if position != sent:
+                self._send(
+                    {
+                        "event": "heartbeat",
+                        "rank": self._rank,
+                        "host": self._host,
+                        "at": [position.epoch, position.step, position.doing, position.n],
+                    }
+                )
+                sent = position
+            if self._stop.wait(self._interval):
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class StallWatch:
+    """Driver side. Feed it every event (``observe``); ``close`` when the stage is over."""
+
+    def __init__(
+        self,
+        num_ranks: int,
+        timeout_s: float,
+        startup_s: float,
+        on_stall: Callable[[str], None],
+        poll_s: float = 0.5,
+    ) -> None:
+        self.num_ranks = num_ranks
+        self.timeout_s = timeout_s
+        self.startup_s = startup_s
+        self._on_stall = on_stall
+        self._positions: dict[int, tuple[RankState, str]] = {}
+        self._started = time.monotonic()
+        self._moved = self._started
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.message: str | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(poll_s,), name="lepton-stall-watch", daemon=True
+        )
+        self._thread.start()
+
+    def observe(self, event: dict[str, Any]) -> None:
+        if event.get("event") != "heartbeat":
+            return
+        with self._lock:
+            self._positions[int(event["rank"])] = (RankState(*event["at"]), str(event["host"]))
+            self._moved = time.monotonic()
+
+    def check(self, now: float | None = None) -> str | None:
+        """The stall message if the stage has stalled by ``now``, else ``None``."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            missing = [r for r in range(self.num_ranks) if r not in self._positions]
+            if missing:
+                if now - self._started < self.startup_s:
+                    return None
+                return (
+                    f"rank(s) {', '.join(map(str, missing))} did not start within "
+                    f"{self.startup_s:.0f} s (their tasks never reached training)"
+                )
+            lowest = min(p for p, _ in self._positions.values())
+            idle = now - self._moved
+            limit = self.startup_s if lowest.epoch < 0 else self.timeout_s
+            if idle < limit:
+                return None
+            stuck = sorted(r for r, (p, _) in self._positions.items() if p == lowest)
+            names = ", ".join(f"rank {r} on {self._positions[r][1]}" for r in stuck)
+            others = (
+                "; the other ranks wait for it in a collective"
+                if len(stuck) < self.num_ranks
+                else ""
+            )
+            return (
+                f"{names} stalled: no progress for {idle:.0f} s (limit {limit:g} s, "
+                f"train.stall_timeout_s), stuck {lowest.describe()}{others}"
+            )
+
+    def _run(self, poll_s: float) -> None:
+        while not self._stop.wait(poll_s):
+            message = self.check()
+            if message is not None:
+                self.message = message
+                self._on_stall(message)
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
