@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lepton-installed
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast lint format lock clean bench bench-data-path bench-memory \
-	bench-scaling bench-petastorm bench-petastorm-env bench-recovery
+	bench-scaling bench-petastorm bench-petastorm-env bench-recovery wheel cluster-up cluster-down airflow-env
 
 $(STAMP): pyproject.toml constraints.txt scripts/install_horovod.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,23 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/lepton-spark run pipelines/tabular_demo.yaml
+
+# What spark-submit ships to executors (--py-files): lepton_spark as a pure-Python wheel, and the
+# same archive named .zip (Spark puts .zip/.egg files on the executors' sys.path, not .whl ones).
+wheel: setup
+	rm -rf dist && $(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w dist .
+	cp dist/lepton_spark-*.whl dist/lepton_spark.zip
+
+# A Spark standalone master + 2 workers (1 core each) on 127.0.0.1, from the pyspark install.
+cluster-up: setup
+	$(BIN)/lepton-spark cluster up --workers 2 --cores 1
+
+cluster-down: setup
+	$(BIN)/lepton-spark cluster down
+
+# Airflow 3.3 for jobs/airflow/ in .venv-airflow: its pins clash with .venv's (tests make it too).
+airflow-env:
+	bash scripts/airflow_env.sh
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -45,6 +45,7 @@ import psutil
 
 from lepton_spark.errors import InfrastructureError, InputError
 from lepton_spark.events import ENV_VAR, Event, EventClient, EventServer
+from lepton_spark.interrupts import interrupted, on_interrupt
 from lepton_spark.rank_main import INPUT_ERROR_MARK
 from lepton_spark.watchdog import StallWatch
 
@@ -312,21 +313,42 @@ def available_slots(spark: Any) -> int:
         return int(sc.defaultParallelism)
 
 
-def check_slots(spark: Any, num_workers: int, device: str = "auto") -> None:
+def check_slots(
+    spark: Any, num_workers: int, device: str = "auto", wait_s: float | None = None
+) -> None:
     """Fail now, not after waiting forever, when the ranks cannot all run at once.
 
-    With ``spark.task.resource.gpu.amount`` set, Spark counts only the slots that also have GPUs.
+    On a cluster, executors register a few seconds after the application starts: wait up to
+    ``wait_s`` (default ``spark.scheduler.maxRegisteredResourcesWaitingTime``, 30 s) for enough
+    of them. With ``spark.task.resource.gpu.amount`` set, Spark counts only slots with GPUs.
     """
-    conf = spark.sparkContext.getConf()
-    problem = slot_problem(
-        num_workers,
-        available_slots(spark),
-        device,
-        float(conf.get("spark.task.resource.gpu.amount", "0")),
-        spark.sparkContext.master,
-    )
-    if problem:
-        raise SlotsError(problem)
+    sc = spark.sparkContext
+    conf = sc.getConf()
+    task_gpus = float(conf.get("spark.task.resource.gpu.amount", "0"))
+    if wait_s is None:
+        wait_s = (
+            0.0
+            if sc.master.startswith("local")
+            else _seconds(conf.get("spark.scheduler.maxRegisteredResourcesWaitingTime", "30s"))
+        )
+    deadline = time.monotonic() + wait_s
+    while True:
+        problem = slot_problem(num_workers, available_slots(spark), device, task_gpus, sc.master)
+        if problem is None:
+            return
+        if time.monotonic() >= deadline or (device == "cuda" and task_gpus <= 0):
+            raise SlotsError(problem)
+        log.info("waiting for executors to register: %s", problem)
+        time.sleep(1.0)
+
+
+def _seconds(duration: str) -> float:
+    """Spark's duration strings: ``30s``, ``2min``, ``500ms``, ``1h``; a bare number is ms."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*", duration)
+    if not found:
+        return 30.0
+    value, unit = float(found.group(1)), found.group(2) or "ms"
+    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}[unit]
 
 
 def slot_problem(
@@ -380,6 +402,12 @@ def run_barrier(
         elif event.get("event") == "heartbeat":
             watch.observe(event)
             return
+        elif event.get("event") == "rendezvous":
+            log.info(
+                "Horovod rendezvous server at %s:%s (rank 0's executor, for this stage only)",
+                event["host"],
+                event["port"],
+            )
         if on_event is not None:
             on_event(event)
 
@@ -389,12 +417,16 @@ def run_barrier(
         sc.setJobGroup(group, f"lepton-spark: {num_workers} Horovod ranks", True)
         try:
             rdd = sc.parallelize(range(num_workers), num_workers).barrier().mapPartitions(task)
-            raw = rdd.collect()
+            with on_interrupt(lambda: sc.cancelJobGroup(group)):
+                raw = rdd.collect()
         except KeyboardInterrupt:
             sc.cancelJobGroup(group)
             _wait_for_tasks_to_end(sc, group, timeout_s=10.0)  # the ranks go with their tasks
             raise
         except Exception as err:
+            if interrupted():  # the signal handler cancelled the stage
+                _wait_for_tasks_to_end(sc, group, timeout_s=10.0)
+                raise KeyboardInterrupt("interrupted during training") from None
             _wait_for_tasks_to_end(sc, group)  # their slots free, their last words logged
             if watch.message is not None:
                 raise StallError(watch.message) from None

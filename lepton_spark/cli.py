@@ -20,8 +20,10 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from lepton_spark import interrupts
 from lepton_spark.config import ConfigError, load_config, parse_override
 from lepton_spark.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, InfrastructureError, exit_code
+from lepton_spark.redact import redact_text
 
 app = typer.Typer(
     add_completion=False,
@@ -100,7 +102,7 @@ def run(
     from lepton_spark.pipeline import run_pipeline
 
     # A scheduler's SIGTERM ends the run like Ctrl-C: MLflow run KILLED, Spark jobs cancelled.
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupts.install(signal.SIGTERM)
     console.print(f"[bold]lepton-spark[/] {cfg.name}: {cfg.description or pipeline}")
     try:
         result = run_pipeline(
@@ -139,15 +141,65 @@ def run(
     for label, value in (
         ("MLflow run", f"{result.run_id} (experiment {result.experiment})"),
         ("model", result.model_uri),
-        ("shards", result.shard_folder + (" (reused)" if result.shards_reused else "")),
+        (
+            "shards",
+            redact_text(result.shard_folder) + (" (reused)" if result.shards_reused else ""),
+        ),
         ("tracking", result.tracking_uri),
         ("open the UI", result.ui_command),
     ):
         typer.echo(f"{label + ':':<13}{value}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+cluster_app = typer.Typer(
+    no_args_is_help=True,
+    help="A Spark standalone cluster on this machine (127.0.0.1), from the pyspark install.",
+)
+app.add_typer(cluster_app, name="cluster")
+CLUSTER_FOLDER = Path(".lepton/cluster")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    workers: Annotated[int, typer.Option(help="Workers to start.")] = 2,
+    cores: Annotated[int, typer.Option(help="Cores per worker.")] = 1,
+    memory: Annotated[str, typer.Option(help="Memory per worker.")] = "2g",
+    folder: Annotated[Path, typer.Option(help="Logs, work folders, state.")] = CLUSTER_FOLDER,
+) -> None:
+    """Start a master and workers; print the master URL to pass to --master."""
+    from lepton_spark.standalone import ClusterError, StandaloneCluster
+
+    running = StandaloneCluster.load(folder)
+    if running is not None:
+        _fail(f"a cluster is already up at {running.master_url} (lepton-spark cluster down)", 1)
+    try:
+        cluster = StandaloneCluster(
+            folder=folder.resolve(),
+            workers=workers,
+            cores_per_worker=cores,
+            memory_per_worker=memory,
+        ).start()
+    except ClusterError as err:
+        _fail(str(err), 1)
+    console.print(
+        f"{workers} workers × {cores} core(s) up; web UI http://127.0.0.1:{cluster.webui_port}"
+    )
+    typer.echo(cluster.master_url)
+
+
+@cluster_app.command("down")
+def cluster_down(
+    folder: Annotated[Path, typer.Option(help="The folder given to 'up'.")] = CLUSTER_FOLDER,
+) -> None:
+    """Stop the cluster started by 'up' (its executors too)."""
+    from lepton_spark.standalone import StandaloneCluster
+
+    running = StandaloneCluster.load(folder.resolve())
+    if running is None:
+        console.print(f"no cluster is up (nothing in {folder})")
+        return
+    running.stop()
+    console.print(f"stopped {running.master_url}")
 
 
 def _fail(message: str, code: int) -> typer.Exit:

@@ -159,6 +159,11 @@ class TrainConfig(_Frozen):
         "batches; 'pad' runs to the largest rank's, smaller ranks wrapping around their rows",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: bool = Field(
+        False,
+        description="autocast: bf16 on CPUs and on GPUs that have it, fp16 with a gradient "
+        "scaler on older GPUs",
+    )
     threads_per_rank: int | None = Field(None, gt=0)
     progress_every_steps: int = Field(50, gt=0)
     checkpoint_root: str = Field(
@@ -275,17 +280,25 @@ def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, str]]:
         yield prefix.rstrip("."), json.dumps(value) if not isinstance(value, str) else value
 
 
+# Free-form mappings whose keys contain dots themselves (Spark conf keys, reader options): in an
+# override, everything after them is one key (``spark.conf.spark.sql.shuffle.partitions=8``).
+_DOTTED_KEY_SECTIONS = ("conf", "options")
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
+    parts = dotted.split(".")
     node = data
-    for part in parents:
+    while len(parts) > 1:
+        part = parts.pop(0)
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
         node = child
-    node[last] = value
+        if part in _DOTTED_KEY_SECTIONS:
+            parts = [".".join(parts)]
+    node[parts[0]] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:

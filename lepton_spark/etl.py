@@ -94,6 +94,26 @@ def spark_session(cfg: SparkConfig, app_name: str = "lepton-spark") -> SparkSess
     return spark
 
 
+def submitted_session(cfg: SparkConfig, app_name: str = "lepton-spark") -> SparkSession:
+    """The session of a spark-submit job: spark-submit's ``--master``, ``--conf`` and properties
+    file win; the pipeline's ``spark.conf`` and lepton-spark's defaults fill in the rest."""
+    from pyspark import SparkConf
+
+    given = SparkConf()  # what spark-submit passed to this driver
+    master = given.get("spark.master", cfg.master)
+    conf = dict(_DEFAULTS)
+    if master.startswith("local"):
+        conf.update(_LOCAL_DEFAULTS)
+    conf.update(cfg.conf)
+    builder = SparkSession.builder.appName(app_name)
+    for key, value in conf.items():
+        if not given.contains(key):
+            builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(cfg.log_level)
+    return spark
+
+
 def read_source(spark: SparkSession, name: str, source: SourceConfig) -> DataFrame:
     if source.generate is not None:
         return datagen.generate(spark, source.generate)

@@ -41,6 +41,7 @@ from lepton_spark.loader import record_batches
 from lepton_spark.manifest import Manifest, SkewReport
 from lepton_spark.models import ExportedClassifier, build_model
 from lepton_spark.progress import ConsoleProgress
+from lepton_spark.redact import redact_text, redact_tree
 from lepton_spark.shardio import find_committed
 from lepton_spark.shards import ShardSet, write_shards
 from lepton_spark.spec import FeatureSpec
@@ -109,13 +110,13 @@ def materialize_shards(
         folder = locate(cfg.shards.root).child(shard_folder_name(cfg, fingerprint))
         manifest, why = (None, "--rebuild-shards") if rebuild else find_committed(folder)
         if manifest is None:
-            log.info("%s: writing the shards", why)
+            log.info("%s: writing the shards", redact_text(why))
             prepared = prepare(spark, cfg)
     if manifest is not None:
         log.info(
             "reusing the shards at %s (same dataset fingerprint, written %s); "
             "--rebuild-shards writes them again",
-            folder.uri,
+            redact_text(folder.uri),
             manifest.created_at,
         )
         timings["shards"] = 0.0
@@ -289,6 +290,14 @@ def _events_to_mlflow(run: TrackedRun) -> Callable[[dict[str, Any]], None]:
     def handle(event: dict[str, Any]) -> None:
         if event.get("event") == "epoch":
             run.log_metrics(event["metrics"], step=int(event["epoch"]))
+        elif event.get("event") == "start":
+            run.set_tags(
+                {
+                    "ranks.device": event["device"],
+                    "ranks.precision": event.get("precision", "fp32"),
+                    "ranks.code": event.get("code", ""),
+                }
+            )
 
     return handle
 
@@ -296,7 +305,7 @@ def _events_to_mlflow(run: TrackedRun) -> Callable[[dict[str, Any]], None]:
 def run_pipeline(
     config: PipelineConfig | str | Path,
     *,
-    spark: SparkSession | None = None,
+    spark: SparkSession | Callable[[], SparkSession] | None = None,
     tracking_uri: str | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     rebuild_shards: bool = False,
@@ -305,7 +314,8 @@ def run_pipeline(
 ) -> PipelineResult:
     """Run the whole pipeline and return where everything went.
 
-    ``spark``: an existing session (a notebook's); otherwise one is made from ``config.spark``.
+    ``spark``: an existing session (a notebook's), or a function that makes one when it is needed
+    (spark-submit's); otherwise one is made from ``config.spark``.
     ``progress``: receives rank events; by default they are shown on the console.
     ``rebuild_shards``: write the shards again even if committed ones match the fingerprint.
     ``run_key`` (a scheduled run's date, say) makes the call idempotent: a finished run with the
@@ -353,7 +363,8 @@ def run_pipeline(
         if resume is None:
             run.log_params(cfg.flat())
             run.log_text(
-                yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml"
+                yaml.safe_dump(redact_tree(cfg.model_dump(mode="json")), sort_keys=False),
+                "config.yaml",
             )
         else:
             log.info(
@@ -362,7 +373,10 @@ def run_pipeline(
                 resume,
                 previous.info.status,
             )
-        spark = spark or spark_session(cfg.spark, app_name=f"lepton-spark {cfg.name}")
+        if spark is None:
+            spark = spark_session(cfg.spark, app_name=f"lepton-spark {cfg.name}")
+        elif not isinstance(spark, SparkSession):
+            spark = spark()
         check_slots(spark, cfg.train.num_workers, cfg.train.device)  # before any work
         shard_set = materialize_shards(spark, cfg, rebuild=rebuild_shards, timings=timings)
         manifest = shard_set.manifest

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
 from lepton_spark.config import TrackingConfig
+from lepton_spark.redact import redact_mapping, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ class TrackedRun:
         else:
             status = RunStatus.to_string(RunStatus.FAILED)
             try:
-                self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
+                error = redact_text(f"{exc_type.__name__}: {exc}")[:5000]
+                self.client.set_tag(self.run_id, "error", error)
             except Exception:  # the run must still be closed
                 log.exception("could not record the error on run %s", self.run_id)
         try:
@@ -149,12 +151,14 @@ class TrackedRun:
         return self.client.get_run(self.run_id).info.artifact_uri
 
     def log_params(self, params: dict[str, str]) -> None:
-        items = [Param(k, str(v)[:_PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
+        params = redact_mapping(params)
+        items = [Param(k, v[:_PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        tags = redact_mapping(tags)
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -162,7 +166,7 @@ class TrackedRun:
         self.client.log_batch(self.run_id, metrics=batch)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact_text(text), artifact_file)
 
     def log_json(self, data: Any, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2, sort_keys=True), artifact_file)

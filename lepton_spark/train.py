@@ -85,6 +85,34 @@ def choose_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How a rank computes: ``autocast`` dtype (``None``: fp32) and whether gradients are scaled."""
+
+    autocast: torch.dtype | None = None
+    scaler: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.autocast is None:
+            return "fp32"
+        return str(self.autocast).removeprefix("torch.") + ("+scaler" if self.scaler else "")
+
+
+def choose_precision(
+    mixed: bool, device: torch.device, bf16_supported: bool | None = None
+) -> Precision:
+    """fp32 unless ``mixed``; then bf16 autocast where the device has bf16 (CPUs, Ampere and
+    newer GPUs), else fp16 autocast with a gradient scaler (fp16's range needs one)."""
+    if not mixed:
+        return Precision()
+    if device.type == "cuda":
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported()
+        return Precision(torch.bfloat16) if bf16_supported else Precision(torch.float16, True)
+    return Precision(torch.bfloat16)
+
+
 def scaled_lr(cfg: TrainConfig, size: int) -> float:
     """Linear scaling: ``lr`` is for one rank's batch; ``size`` ranks average ``size`` batches."""
     return cfg.lr * size if cfg.lr_scaling == "linear" else cfg.lr
@@ -107,11 +135,18 @@ def make_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def _autocast(device: torch.device, precision: Precision) -> Any:
+    return torch.autocast(
+        device.type, dtype=precision.autocast, enabled=precision.autocast is not None
+    )
+
+
 def evaluate(
     model: nn.Module,
     loader: ShardLoader,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
+    precision: Precision = Precision(),
 ) -> torch.Tensor:
     """``[loss sum, correct, rows]`` over the loader, as a float64 tensor (for an allreduce)."""
     totals = torch.zeros(3, dtype=torch.float64)
@@ -121,7 +156,8 @@ def evaluate(
             if on_batch is not None:
                 on_batch(n)
             batch = batch.to(device)
-            logits = model(batch.numeric, batch.categorical)
+            with _autocast(device, precision):
+                logits = model(batch.numeric, batch.categorical).float()
             totals[0] += F.cross_entropy(logits, batch.label, reduction="sum").item()
             totals[1] += (logits.argmax(dim=1) == batch.label).sum().item()
             totals[2] += len(batch)
@@ -170,6 +206,8 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
             f"(rows per rank: {rows_per_rank}); lower train.batch_size or train.num_workers"
         )
     device = choose_device(cfg.device, hvd.local_rank())
+    precision = choose_precision(cfg.mixed_precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
     common = {
         "n_numeric": len(features.numeric),
         "n_categorical": len(features.categorical),
@@ -210,10 +248,14 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
                 "event": "start",
                 "size": size,
                 "device": str(device),
+                "precision": precision.name,
                 "epochs": cfg.epochs,
                 "steps_per_epoch": steps,
                 "attempt": spec.attempt,
                 "resumed_from": list(resumed) if resumed else None,
+                # Where the ranks' lepton_spark came from (an installed package, or the wheel
+                # spark-submit shipped with --py-files).
+                "code": os.path.dirname(__file__),
             }
         )
     global_step = position.global_step
@@ -229,9 +271,19 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
                 continue
             batch = batch.to(device)
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(batch.numeric, batch.categorical), batch.label)
-            loss.backward()
-            optimizer.step()
+            with _autocast(device, precision):
+                logits = model(batch.numeric, batch.categorical)
+            loss = F.cross_entropy(logits.float(), batch.label)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:  # Horovod's recipe: allreduce, unscale, then step without a second allreduce
+                scaler.scale(loss).backward()
+                optimizer.synchronize()
+                scaler.unscale_(optimizer)
+                with optimizer.skip_synchronize():
+                    scaler.step(optimizer)
+                scaler.update()
             schedule.step()
             loss_sum += loss.detach()
             global_step += 1
@@ -260,7 +312,13 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
                     Position(epoch, step, global_step),
                 )
         seconds = time.perf_counter() - started
-        val = evaluate(model, val_loader, device, functools.partial(beat, epoch, steps, EVALUATING))
+        val = evaluate(
+            model,
+            val_loader,
+            device,
+            functools.partial(beat, epoch, steps, EVALUATING),
+            precision,
+        )
         beat(epoch, steps, REDUCING)
         # One allreduce per epoch: [rank mean train loss, val loss sum, correct, rows].
         mean_loss = (loss_sum.cpu() / max(steps - done, 1)).to(torch.float64).reshape(1)

@@ -11,6 +11,8 @@
 #   LEPTON_WHEEL_CACHE      wheel cache (default: ~/.cache/lepton-spark/wheels)
 #   LEPTON_HOROVOD_FLAVOUR  force "cpu" or "cuda" (default: detected)
 #   MAX_JOBS                parallel compile jobs (default: nproc)
+# Arguments:
+#   --print-flavour         print the flavour this machine would build (cpu or cuda), build nothing
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
@@ -19,7 +21,10 @@ PYTHON=${PYTHON:-python}
 PYTHON=$("$PYTHON" -c 'import sys; print(sys.executable)')
 CACHE=${LEPTON_WHEEL_CACHE:-$HOME/.cache/lepton-spark/wheels}
 
-if "$PYTHON" -c "import horovod.torch" >/dev/null 2>&1 \
+# --print-flavour: say which flavour would be built here (cpu or cuda) and stop.
+print_flavour=${1:-}
+
+if [ "$print_flavour" != --print-flavour ] && "$PYTHON" -c "import horovod.torch" >/dev/null 2>&1 \
    && [ "$("$PYTHON" -c 'import horovod; print(horovod.__version__)')" = "$HOROVOD_VERSION" ]; then
   echo "horovod $HOROVOD_VERSION already installed in $("$PYTHON" -c 'import sys; print(sys.prefix)')"
   exit 0
@@ -32,6 +37,7 @@ if [ -z "$flavour" ]; then
   if [ -n "$torch_cuda" ] && command -v nvcc >/dev/null 2>&1; then flavour=cuda; else flavour=cpu; fi
 fi
 case "$flavour" in cpu|cuda) ;; *) echo "LEPTON_HOROVOD_FLAVOUR must be cpu or cuda, not '$flavour'" >&2; exit 2;; esac
+if [ "$print_flavour" = --print-flavour ]; then echo "$flavour"; exit 0; fi
 py_tag=$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 slot="$CACHE/horovod-$HOROVOD_VERSION-$py_tag-torch$torch_version-$flavour"
 

@@ -59,3 +59,12 @@ def test_flat_params_and_fingerprint_are_stable():
     assert flat["model.hidden"] == "[128, 64]"
     assert cfg.fingerprint("sources") == load_config(DEMO).fingerprint("sources")
     assert cfg.fingerprint("train") != cfg.with_overrides({"train.lr": 0.1}).fingerprint("train")
+
+
+def test_overrides_keep_dotted_spark_conf_keys_whole():
+    cfg = load_config(
+        ROOT / "pipelines" / "tabular_demo.yaml",
+        {"spark.conf.spark.sql.shuffle.partitions": 8, "train.epochs": 1},
+    )
+    assert cfg.spark.conf["spark.sql.shuffle.partitions"] == "8"
+    assert cfg.flat()["spark.conf.spark.sql.shuffle.partitions"] == "8"

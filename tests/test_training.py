@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import cloudpickle
 import numpy as np
@@ -17,7 +21,14 @@ from lepton_spark.config import ModelConfig, TrainConfig
 from lepton_spark.models import build_model
 from lepton_spark.shardio import write_local_shards
 from lepton_spark.spec import CategoricalFeature, FeatureSpec
-from lepton_spark.train import TrainSpec, train_rank, train_worker
+from lepton_spark.train import (
+    Precision,
+    TrainSpec,
+    choose_device,
+    choose_precision,
+    train_rank,
+    train_worker,
+)
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -128,3 +139,63 @@ def test_unequal_shards_give_every_rank_the_same_number_of_steps(spark, tmp_path
         spark, functools.partial(train_rank, TrainSpec(str(folder), cfg, MODEL)), 2
     )
     assert [r.steps_per_epoch for r in results] == [100 // 32, 100 // 32]
+
+
+def test_device_and_precision_decisions():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert choose_device("cpu", local_rank=0) == cpu
+    if not torch.cuda.is_available():
+        assert choose_device("auto", local_rank=1) == cpu
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            choose_device("cuda", local_rank=0)
+    assert choose_precision(False, gpu, bf16_supported=True) == Precision()
+    assert choose_precision(True, gpu, bf16_supported=True) == Precision(torch.bfloat16)
+    assert choose_precision(True, gpu, bf16_supported=False) == Precision(torch.float16, True)
+    assert choose_precision(True, cpu).name == "bfloat16"
+    assert choose_precision(True, gpu, bf16_supported=False).name == "float16+scaler"
+
+
+def test_bf16_autocast_on_cpu_trains_to_the_same_accuracy(tmp_path):
+    rng = np.random.default_rng(3)
+    folder = make_shards(tmp_path / "shards", [flat_table(rng, 4096)], [flat_table(rng, 1024)])
+    base = {"optimizer": "adamw", "lr": 0.01, "batch_size": 64, "epochs": 3, "seed": 5}
+    events: list[dict] = []
+    fp32 = train_worker(TrainSpec(str(folder), TrainConfig(**base), MODEL))
+    bf16 = train_worker(
+        TrainSpec(str(folder), TrainConfig(**base, mixed_precision=True), MODEL), events.append
+    )
+    assert [e["precision"] for e in events if e["event"] == "start"] == ["bfloat16"]
+    # Autocast really ran: the weights differ; and it learned as well as fp32 did.
+    a, b = fp32.load_state_dict(), bf16.load_state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert bf16.history[-1]["val_accuracy"] > 0.8
+    assert bf16.history[-1]["val_accuracy"] == pytest.approx(
+        fp32.history[-1]["val_accuracy"], abs=0.03
+    )
+
+
+def test_the_horovod_build_script_picks_the_flavour_this_machine_can_build(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "install_horovod.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+
+    def flavour(**extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(script), "--print-flavour"],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    expected = "cuda" if torch.version.cuda and shutil.which("nvcc") else "cpu"
+    assert flavour().stdout.strip() == expected
+    # An nvcc alone does not make a CUDA build: torch must be a CUDA build too.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0'\n")
+    (fake / "nvcc").chmod(0o755)
+    with_nvcc = flavour(PATH=f"{fake}:{env['PATH']}").stdout.strip()
+    assert with_nvcc == ("cuda" if torch.version.cuda else "cpu")
+    assert flavour(LEPTON_HOROVOD_FLAVOUR="cuda").stdout.strip() == "cuda"
+    bad = flavour(LEPTON_HOROVOD_FLAVOUR="tpu")
+    assert bad.returncode == 2 and "must be cpu or cuda" in bad.stderr
