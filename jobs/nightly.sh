@@ -88,7 +88,9 @@ trap on_signal INT TERM
 attempts=$((RETRIES + 1))
 code=0
 for ((attempt = 1; attempt <= attempts; attempt++)); do
-  say "attempt $attempt/$attempts: ${command[*]}"
+  # Values of secret-looking key=value arguments stay out of the log.
+  shown=$(printf '%s ' "${command[@]}" | sed -E 's/([^ =]*(secret|passw|pwd|token|credential|(access|account|private|api)[._-]?key)[^ =]*)=[^ ]*/\1=*********(redacted)/gI')
+  say "attempt $attempt/$attempts: $shown"
   "${setsid[@]}" "${command[@]}" >>"$LOG" 2>&1 </dev/null &
   child=$!
   wait "$child"

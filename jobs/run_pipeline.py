@@ -19,6 +19,7 @@ import sys
 
 from lepton_spark import interrupts
 from lepton_spark.errors import EXIT_OK, InfrastructureError, InputError, exit_code
+from lepton_spark.redact import redact_text
 
 
 def main(argv: list[str]) -> int:
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> int:
             force=args.force,
         )
     except (InputError, InfrastructureError, BarrierError, KeyboardInterrupt) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return exit_code(err)
     if result.outcome == "already_finished":
         print(f"run key {args.run_key}: finished already in run {result.run_id}; nothing to do")

@@ -195,12 +195,15 @@ class RendezvousService:
 @dataclass(frozen=True)
 class BarrierSettings:
     gloo_timeout_s: int = 120  # Horovod's Gloo rendezvous and connection timeout
-    stall_timeout_s: float = 300.0  # no rank moved for this long: the stage is failed
+    # No rank moved for this long: the stage is failed. None: no stall watch (for functions that
+    # send no heartbeats; train_rank does).
+    stall_timeout_s: float | None = None
+    slot_wait_s: float | None = None  # how long to wait for executors (None: Spark's setting)
 
     @property
     def startup_s(self) -> float:
         """How long ranks may take to start: the rendezvous may wait the Gloo timeout."""
-        return max(self.stall_timeout_s, self.gloo_timeout_s + 30.0)
+        return max(self.stall_timeout_s or 0.0, self.gloo_timeout_s + 30.0)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -336,7 +339,7 @@ def check_slots(
         problem = slot_problem(num_workers, available_slots(spark), device, task_gpus, sc.master)
         if problem is None:
             return
-        if time.monotonic() >= deadline or (device == "cuda" and task_gpus <= 0):
+        if time.monotonic() >= deadline or "gpu.amount" in problem:
             raise SlotsError(problem)
         log.info("waiting for executors to register: %s", problem)
         time.sleep(1.0)
@@ -355,7 +358,7 @@ def slot_problem(
     num_workers: int, slots: int, device: str, task_gpus: float, master: str
 ) -> str | None:
     """What stops ``num_workers`` ranks from running at once (``None``: nothing)."""
-    if device == "cuda" and task_gpus <= 0:
+    if device == "cuda" and task_gpus <= 0 and not master.startswith("local"):
         return (
             "train.device is 'cuda' but Spark assigns no GPUs to tasks: set "
             "spark.task.resource.gpu.amount (and spark.executor.resource.gpu.amount with a "
@@ -384,23 +387,28 @@ def run_barrier(
     ``on_event`` receives the ranks' reports (``ctx.report``) on the driver as they arrive.
     """
     settings = settings or BarrierSettings()
-    check_slots(spark, num_workers, device)
+    check_slots(spark, num_workers, device, settings.slot_wait_s)
     sc = spark.sparkContext
     payload = cloudpickle.dumps(fn)
     failures: list[Event] = []
     group = f"lepton-barrier-{uuid.uuid4().hex[:8]}"
-    watch = StallWatch(
-        num_workers,
-        timeout_s=settings.stall_timeout_s,
-        startup_s=settings.startup_s,
-        on_stall=lambda message: sc.cancelJobGroup(group),
+    watch = (
+        StallWatch(
+            num_workers,
+            timeout_s=settings.stall_timeout_s,
+            startup_s=settings.startup_s,
+            on_stall=lambda message: sc.cancelJobGroup(group),
+        )
+        if settings.stall_timeout_s is not None
+        else None
     )
 
     def handle(event: Event) -> None:
         if event.get("event") == "rank_failed":
             failures.append(event)
         elif event.get("event") == "heartbeat":
-            watch.observe(event)
+            if watch is not None:
+                watch.observe(event)
             return
         elif event.get("event") == "rendezvous":
             log.info(
@@ -411,6 +419,26 @@ def run_barrier(
         if on_event is not None:
             on_event(event)
 
+    try:
+        raw = _run_stage(sc, spark, payload, num_workers, group, handle, failures, watch, settings)
+    finally:
+        if watch is not None:
+            watch.close()
+    results = [pickle.loads(r) for r in raw]
+    return [value for _, value in sorted(results, key=lambda rv: rv[0])]
+
+
+def _run_stage(
+    sc: Any,
+    spark: Any,
+    payload: bytes,
+    num_workers: int,
+    group: str,
+    handle: Callable[[Event], None],
+    failures: list[Event],
+    watch: StallWatch | None,
+    settings: BarrierSettings,
+) -> list[bytes]:
     driver_host = sc.getConf().get("spark.driver.host", "127.0.0.1")
     with EventServer(driver_host, handle) as events, _quiet_task_failures(spark):
         task = _barrier_task(payload, events.address, settings)
@@ -419,6 +447,8 @@ def run_barrier(
             rdd = sc.parallelize(range(num_workers), num_workers).barrier().mapPartitions(task)
             with on_interrupt(lambda: sc.cancelJobGroup(group)):
                 raw = rdd.collect()
+            if interrupted():  # the signal came as the stage ended: stop here all the same
+                raise KeyboardInterrupt("interrupted during training")
         except KeyboardInterrupt:
             sc.cancelJobGroup(group)
             _wait_for_tasks_to_end(sc, group, timeout_s=10.0)  # the ranks go with their tasks
@@ -428,15 +458,13 @@ def run_barrier(
                 _wait_for_tasks_to_end(sc, group, timeout_s=10.0)
                 raise KeyboardInterrupt("interrupted during training") from None
             _wait_for_tasks_to_end(sc, group)  # their slots free, their last words logged
-            if watch.message is not None:
+            if watch is not None and watch.message is not None:
                 raise StallError(watch.message) from None
             message, input_error = _stage_failure(err, failures)
             raise (RankInputError if input_error else BarrierError)(message) from None
         finally:
-            watch.close()
             sc.setLocalProperty("spark.jobGroup.id", None)
-    results = [pickle.loads(r) for r in raw]
-    return [value for _, value in sorted(results, key=lambda rv: rv[0])]
+    return raw
 
 
 def _wait_for_tasks_to_end(sc: Any, group: str, timeout_s: float = 15.0) -> None:

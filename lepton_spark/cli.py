@@ -203,7 +203,7 @@ def cluster_down(
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    console.print(f"[red]error:[/] {escape(redact_text(message))}", soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -14,6 +14,7 @@ import secrets
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 ENV_VAR = "LEPTON_EVENTS"
+# Dispatched at once, outside the lock that orders the others: their handler must be thread-safe.
+UNLOCKED_EVENTS = frozenset({"heartbeat"})
+RECONNECT_AFTER_S = 5.0
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -71,6 +75,9 @@ class _Server(socketserver.ThreadingTCPServer):
             return self._idle.wait_for(lambda: self._connections == 0, timeout=timeout)
 
     def dispatch(self, event: Event) -> None:
+        if event.get("event") in UNLOCKED_EVENTS:  # never queued behind a slow MLflow call
+            self._on_event(event)
+            return
         with self._lock:  # handlers (MLflow, console) see one event at a time
             try:
                 self._on_event(event)
@@ -105,27 +112,34 @@ class EventServer:
 
 
 class EventClient:
-    """Rank side. Sending never raises: a lost driver must not kill training by itself."""
+    """Rank side. Sending never raises: a lost driver must not kill training by itself. After a
+    failure, events are dropped for ``RECONNECT_AFTER_S`` seconds, then it connects again."""
 
     def __init__(self, address: str) -> None:
         host, port, self._token = address.rsplit(":", 2)
         self._target = (host, int(port))
         self._sock: socket.socket | None = None
-        self._failed = False
+        self._retry_at = 0.0
+        self._warned = False
         self._lock = threading.Lock()
 
     def send(self, event: Event) -> None:
-        if self._failed:
-            return
         data = (json.dumps({**event, "token": self._token}) + "\n").encode()
         with self._lock:
+            if time.monotonic() < self._retry_at:
+                return
             try:
                 if self._sock is None:
                     self._sock = socket.create_connection(self._target, timeout=10)
                 self._sock.sendall(data)
             except OSError as err:
-                self._failed = True
-                log.warning("cannot reach the driver's event channel %s: %s", self._target, err)
+                if self._sock is not None:
+                    self._sock.close()
+                    self._sock = None
+                self._retry_at = time.monotonic() + RECONNECT_AFTER_S
+                if not self._warned:
+                    self._warned = True
+                    log.warning("cannot reach the driver's event channel %s: %s", self._target, err)
 
     __call__ = send
 

@@ -27,10 +27,10 @@ def install(*signals: signal.Signals) -> None:
 
 
 def _handle(signum: int, frame: object) -> None:
+    again = _interrupted.is_set()
     _interrupted.set()
-    with _lock:
-        callbacks = list(_callbacks)
-    if not callbacks:
+    callbacks = list(_callbacks)  # no lock here: the main thread may hold it right now
+    if again or not callbacks:  # a second signal does not wait for the cancel any more
         raise KeyboardInterrupt(f"signal {signum}")
     threading.Thread(
         target=lambda: [callback() for callback in callbacks], name="lepton-interrupt", daemon=True

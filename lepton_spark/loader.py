@@ -19,7 +19,7 @@ import queue
 import threading
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -139,12 +139,17 @@ class ShardLoader:
         verify: bool = True,
         prefetch: int | None = None,
         pin_memory: bool = False,
+        on_verified: Callable[[int], None] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if tail == "pad" and steps is None:
             raise ValueError("tail='pad' needs the number of steps per epoch")
-        self.places = [verify_shard(folder, s, checksum=verify) for s in shards]
+        self.places = []
+        for i, shard in enumerate(shards):  # reads every byte when verifying: report as it goes
+            self.places.append(verify_shard(folder, shard, checksum=verify))
+            if on_verified is not None:
+                on_verified(i)
         self.rows = sum(s.rows for s in shards)
         if tail == "pad" and steps and not self.rows:
             raise ValueError(f"tail='pad' cannot make {steps} batches from no rows")

@@ -151,15 +151,17 @@ def train_with_retries(
     attempts = 1 + spec.train.retries
     settings = BarrierSettings(
         gloo_timeout_s=spec.train.gloo_timeout_s, stall_timeout_s=spec.train.stall_timeout_s
-    )
+    )  # train_rank sends heartbeats: the stall watch is on
     for attempt in range(attempts):
+        # A retry after a lost executor waits for its replacement as long as a start-up may take.
+        wait = None if attempt == 0 else settings.startup_s
         try:
             results = run_barrier(
                 spark,
                 functools.partial(train_rank, dataclasses.replace(spec, attempt=attempt)),
                 spec.train.num_workers,
                 on_event=on_event,
-                settings=settings,
+                settings=dataclasses.replace(settings, slot_wait_s=wait),
                 device=spec.train.device,
             )
             return results, attempt + 1
@@ -179,6 +181,21 @@ def train_with_retries(
 
 RUN_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
 FINAL_METRICS = ("train_loss", "val_loss", "val_accuracy", "samples_per_second", "epoch_seconds")
+
+
+def shared_storage_warnings(cfg: PipelineConfig, master: str) -> list[str]:
+    """Local shard or checkpoint paths with a cluster master: fine on one host, not on many."""
+    if master.startswith("local"):
+        return []
+    return [
+        f"{field} is the local path {place.path}: on a cluster of several hosts every executor "
+        "must see it (a shared mount, or a URI such as s3://…, hdfs://…)"
+        for field, place in (
+            ("shards.root", locate(cfg.shards.root)),
+            ("train.checkpoint_root", locate(cfg.train.checkpoint_root)),
+        )
+        if place.is_local
+    ]
 
 
 def check_trainable(cfg: PipelineConfig, manifest: Manifest) -> None:
@@ -343,7 +360,13 @@ def run_pipeline(
         previous = None if force else find_keyed_run(target, experiment, run_key)
         if previous is not None and previous.info.status == "FINISHED":
             log.info("run key %s finished already in run %s", run_key, previous.info.run_id)
-            return _finished_result(previous, target, experiment, run_key)
+            result = _finished_result(previous, target, experiment, run_key)
+            if previous.data.tags.get(CONFIG_HASH_TAG) != tags[CONFIG_HASH_TAG]:
+                result.warnings.append(
+                    f"the pipeline config changed since run {previous.info.run_id} finished "
+                    f"for run key {run_key}; its result stands (--force trains again)"
+                )
+            return result
         if (
             previous is not None
             and previous.data.tags.get(CONFIG_HASH_TAG) != tags[CONFIG_HASH_TAG]
@@ -378,6 +401,8 @@ def run_pipeline(
         elif not isinstance(spark, SparkSession):
             spark = spark()
         check_slots(spark, cfg.train.num_workers, cfg.train.device)  # before any work
+        for warning in shared_storage_warnings(cfg, spark.sparkContext.master):
+            log.warning(warning)
         shard_set = materialize_shards(spark, cfg, rebuild=rebuild_shards, timings=timings)
         manifest = shard_set.manifest
         if previous is not None and previous.data.tags.get("dataset.fingerprint") not in (
@@ -395,7 +420,7 @@ def run_pipeline(
             if not shard_set.reused:  # written for nothing: do not leave them behind
                 locate(shard_set.folder).delete_folder()
             raise
-        run.log_text(manifest.to_json(), "manifest.json")
+        run.log_json(redact_tree(manifest.model_dump(mode="json", by_alias=True)), "manifest.json")
         rows = {name: s.rows for name, s in manifest.splits.items()}
         skew = {name: s.skew(cfg.train.num_workers) for name, s in manifest.splits.items()}
         run.log_json({n: r.model_dump() for n, r in skew.items()}, "skew_report.json")

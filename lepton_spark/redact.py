@@ -14,10 +14,11 @@ from typing import Any
 
 REDACTED = "*********(redacted)"
 SECRET_KEY = re.compile(
-    r"(?i)secret|password|passwd|token(?!i[sz])|credential|access[._-]?key|private[._-]?key|api[._-]?key"
+    r"(?i)secret|passw|pwd|token(?!i[sz])|credential|(?:access|account|private|api)[._-]?key"
+    r"|(?:^|[._-])(?:sig|sas)(?:$|[._-])"
 )
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#]+@")
-_QUERY_PARAM = re.compile(r"(?P<key>[A-Za-z0-9_.-]+)=(?P<value>[^&\s#\"']+)")
+_QUERY_PARAM = re.compile(r"(?P<key>[A-Za-z0-9_.-]+)=(?P<value>[^&;\s#\"',]+)")
 
 
 def redact_text(text: str) -> str:

@@ -168,7 +168,12 @@ class StandaloneCluster:
         )
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """Stop the workers, then the master (their whole process groups: executors too)."""
+        """Stop the workers, then the master (their whole process groups: executors too).
+
+        Only pids that are still Spark daemons are signalled: a stale ``cluster.json`` (after a
+        reboot) must not take down whatever process got the same pid since.
+        """
+        self.pids = [pid for pid in self.pids if _is_spark_daemon(pid)]
         for pid in reversed(self.pids):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
@@ -187,6 +192,16 @@ class StandaloneCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _is_spark_daemon(pid: int) -> bool:
+    import psutil
+
+    try:
+        command = " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return "org.apache.spark.deploy." in command
 
 
 def _alive(pid: int) -> bool:

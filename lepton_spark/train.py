@@ -107,8 +107,8 @@ def choose_precision(
     if not mixed:
         return Precision()
     if device.type == "cuda":
-        if bf16_supported is None:
-            bf16_supported = torch.cuda.is_bf16_supported()
+        if bf16_supported is None:  # native bf16 from Ampere (8.x) on; older GPUs only emulate it
+            bf16_supported = torch.cuda.get_device_capability(device)[0] >= 8
         return Precision(torch.bfloat16) if bf16_supported else Precision(torch.float16, True)
     return Precision(torch.bfloat16)
 
@@ -208,12 +208,13 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
     device = choose_device(cfg.device, hvd.local_rank())
     precision = choose_precision(cfg.mixed_precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
-    common = {
+    common: dict[str, Any] = {
         "n_numeric": len(features.numeric),
         "n_categorical": len(features.categorical),
         "verify": spec.verify_shards,
         "pin_memory": device.type == "cuda",
     }
+    common["on_verified"] = functools.partial(beat, -1)  # start-up moves while checksumming
     train_loader = ShardLoader(
         spec.shard_folder,
         train_split.for_rank(rank, size),

@@ -11,11 +11,14 @@ for them in a collective, so the ranks furthest behind are the ones stuck.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], None]
 
@@ -103,6 +106,7 @@ class StallWatch:
         self._moved = self._started
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._blind = False
         self.message: str | None = None
         self._thread = threading.Thread(
             target=self._run, args=(poll_s,), name="lepton-stall-watch", daemon=True
@@ -120,6 +124,17 @@ class StallWatch:
         """The stall message if the stage has stalled by ``now``, else ``None``."""
         now = time.monotonic() if now is None else now
         with self._lock:
+            if not self._positions:
+                # Not one report: more likely the ranks cannot reach the driver's event channel
+                # (a firewall) than all of them hanging at once. Stall detection is off then.
+                if now - self._started >= self.startup_s and not self._blind:
+                    self._blind = True
+                    log.warning(
+                        "no rank has reported to the driver in %.0f s (the event channel may be "
+                        "blocked); stall detection is off for this stage",
+                        now - self._started,
+                    )
+                return None
             missing = [r for r in range(self.num_ranks) if r not in self._positions]
             if missing:
                 if now - self._started < self.startup_s:

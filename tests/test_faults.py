@@ -133,6 +133,15 @@ def test_the_stall_watch_names_the_rank_furthest_behind():
     assert stalls == []  # the poll thread never ran: check() decides, on_stall only reports
 
 
+def test_without_a_single_report_the_stall_watch_stays_quiet():
+    """No heartbeat at all: the event channel is blocked, not every rank hung at once."""
+    watch = StallWatch(2, timeout_s=10, startup_s=30, on_stall=lambda m: None, poll_s=3600)
+    try:
+        assert watch.check(time.monotonic() + 3600) is None
+    finally:
+        watch.close()
+
+
 def test_a_rank_writing_a_checkpoint_is_behind_the_ranks_waiting_for_it():
     waiting = RankState(0, 21, TRAINING)
     writing = RankState(0, 20, CHECKPOINT)

@@ -37,6 +37,7 @@ import logging
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from airflow.sdk import Param, dag, task
 
@@ -90,6 +91,18 @@ def pipeline_command(
     return command, home, env
 
 
+# Keys whose values stay out of the task log (as lepton_spark.redact does for MLflow).
+SECRET_KEY = r"(secret|passw|pwd|token(?!i[sz])|credential|(access|account|private|api)[._-]?key)"
+
+
+def masked(command: list[str]) -> list[str]:
+    """``command`` with the values of secret-looking ``key=value`` arguments hidden."""
+    import re
+
+    pattern = re.compile(rf"^([^=]*{SECRET_KEY}[^=]*)=.*$", re.IGNORECASE)
+    return [pattern.sub(r"\1=*********(redacted)", part) for part in command]
+
+
 def run_spark_submit(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, list[str]]:
     """Run ``command``, every output line into the task log; its exit code and last lines.
 
@@ -104,7 +117,7 @@ def run_spark_submit(command: list[str], cwd: Path, env: dict[str, str]) -> tupl
     import threading
 
     tail: collections.deque[str] = collections.deque(maxlen=200)
-    log.info("running in %s: %s", cwd, " ".join(command))
+    log.info("running in %s: %s", cwd, " ".join(masked(command)))
     proc = subprocess.Popen(
         command,
         cwd=cwd,
@@ -192,11 +205,13 @@ def lepton_spark_daily() -> None:
     """One task: the whole pipeline is one spark-submit, idempotent per date."""
 
     @task
-    def run_pipeline(run_key: str, params: dict | None = None) -> None:
+    def run_pipeline(run_key: str, params: dict | None = None, ti: Any = None) -> None:
         """Run the pipeline for ``run_key`` and turn its exit code into succeed, fail or retry."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        force = bool((params or {}).get("force", False))
+        # --force on the first try only: a retry resumes what the forced run checkpointed.
+        first_try = ti is None or getattr(ti, "try_number", 1) <= 1
+        force = bool((params or {}).get("force", False)) and first_try
         command, home, env = pipeline_command(run_key, force=force)
         if not (home / "jobs" / "run_pipeline.py").is_file():
             raise AirflowFailException(
