@@ -328,6 +328,11 @@ def check_slots(
     sc = spark.sparkContext
     conf = sc.getConf()
     task_gpus = float(conf.get("spark.task.resource.gpu.amount", "0"))
+    local_gpus = None
+    if device == "cuda" and sc.master.startswith("local"):
+        import torch
+
+        local_gpus = torch.cuda.device_count()
     if wait_s is None:
         wait_s = (
             0.0
@@ -336,10 +341,12 @@ def check_slots(
         )
     deadline = time.monotonic() + wait_s
     while True:
-        problem = slot_problem(num_workers, available_slots(spark), device, task_gpus, sc.master)
+        problem = slot_problem(
+            num_workers, available_slots(spark), device, task_gpus, sc.master, local_gpus
+        )
         if problem is None:
             return
-        if time.monotonic() >= deadline or "gpu.amount" in problem:
+        if time.monotonic() >= deadline or "train.device is 'cuda'" in problem:
             raise SlotsError(problem)
         log.info("waiting for executors to register: %s", problem)
         time.sleep(1.0)
@@ -355,10 +362,21 @@ def _seconds(duration: str) -> float:
 
 
 def slot_problem(
-    num_workers: int, slots: int, device: str, task_gpus: float, master: str
+    num_workers: int,
+    slots: int,
+    device: str,
+    task_gpus: float,
+    master: str,
+    local_gpus: int | None = None,
 ) -> str | None:
-    """What stops ``num_workers`` ranks from running at once (``None``: nothing)."""
-    if device == "cuda" and task_gpus <= 0 and not master.startswith("local"):
+    """What stops ``num_workers`` ranks from running at once (``None``: nothing).
+
+    In local mode Spark does not hand out GPUs: the ranks share this machine's (``local_gpus``).
+    """
+    if device == "cuda" and master.startswith("local"):
+        if not local_gpus:
+            return "train.device is 'cuda' but this machine has no CUDA device (local mode)"
+    elif device == "cuda" and task_gpus <= 0:
         return (
             "train.device is 'cuda' but Spark assigns no GPUs to tasks: set "
             "spark.task.resource.gpu.amount (and spark.executor.resource.gpu.amount with a "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from helpers import ROOT, run_cli, store_runs
 from mlflow import MlflowClient
 
@@ -248,9 +249,10 @@ def test_more_ranks_than_slots_fails_at_once_with_what_is_there(spark, sources, 
     assert_nothing_left(tmp_path)
 
 
-def test_asking_for_cuda_without_spark_gpus_fails_at_once(spark, sources, tmp_path):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_asking_for_cuda_without_a_gpu_fails_at_once(spark, sources, tmp_path):
     cfg = pipeline(tmp_path, sources["clean"], **{"train.device": "cuda"})
-    fails_with(spark, cfg, SlotsError, "spark.task.resource.gpu.amount")
+    fails_with(spark, cfg, SlotsError, "train.device is 'cuda'", "no CUDA device")
     assert_nothing_left(tmp_path)
 
 

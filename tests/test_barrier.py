@@ -100,5 +100,9 @@ def test_slot_checks_say_what_is_there_and_what_was_asked():
     assert few is not None and "train.num_workers=4" in few and "(spark://m:7077) has 2" in few
     gpus = slot_problem(4, 2, "cuda", 1.0, "spark://m:7077")
     assert gpus is not None and "task slots with GPUs" in gpus and "add executors/GPUs" in gpus
-    none = slot_problem(1, 8, "cuda", 0.0, "local[8]")
+    none = slot_problem(1, 8, "cuda", 0.0, "spark://m:7077")
     assert none is not None and "spark.task.resource.gpu.amount" in none
+    # Local mode: the ranks share the machine's GPUs; Spark assigns none.
+    assert slot_problem(2, 8, "cuda", 0.0, "local[8]", local_gpus=1) is None
+    no_gpu = slot_problem(2, 8, "cuda", 0.0, "local[8]", local_gpus=0)
+    assert no_gpu is not None and "no CUDA device" in no_gpu
