@@ -151,6 +151,42 @@ def run(
         typer.echo(f"{label + ':':<13}{value}")
 
 
+@app.command()
+def promote(
+    pipeline: Annotated[Path, typer.Argument(help="The pipeline YAML (registry name and rule).")],
+    version: Annotated[
+        str | None, typer.Option(help="Version to promote (default: the 'candidate' alias).")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: local)."),
+    ] = None,
+) -> None:
+    """Move the 'champion' alias to a version only if it beats the champion (config's rule)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from lepton_spark.registry import promote as promote_version
+    from lepton_spark.tracking import resolve_tracking
+
+    try:
+        cfg = load_config(pipeline)
+    except ConfigError as err:
+        _fail(str(err), EXIT_BAD_INPUT)
+    name = cfg.tracking.registered_model
+    if not name:
+        _fail(f"{pipeline}: tracking.registered_model is not set", EXIT_BAD_INPUT)
+    client = MlflowClient(resolve_tracking(cfg.tracking, tracking_uri).tracking_uri)
+    try:
+        decision = promote_version(
+            client, name, cfg.tracking.promote_metric, cfg.tracking.promote_mode, version
+        )
+    except (ValueError, MlflowException) as err:
+        _fail(str(err), EXIT_BAD_INPUT)
+    word = "promoted" if decision.promoted else "not promoted"
+    console.print(f"{name}: {word}: {decision.reason}", soft_wrap=True)
+
+
 cluster_app = typer.Typer(
     no_args_is_help=True,
     help="A Spark standalone cluster on this machine (127.0.0.1), from the pyspark install.",

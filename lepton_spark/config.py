@@ -208,6 +208,11 @@ class TrackingConfig(_Frozen):
     experiment: str | None = None
     run_name: str | None = None
     local_store: str = "mlruns-data"
+    registered_model: str | None = Field(
+        None, description="register each trained model under this name, alias 'candidate'"
+    )
+    promote_metric: str = Field("val_accuracy", description="what 'lepton-spark promote' compares")
+    promote_mode: Literal["max", "min"] = "max"
 
 
 class PipelineConfig(_Frozen):

@@ -42,6 +42,7 @@ from lepton_spark.manifest import Manifest, SkewReport
 from lepton_spark.models import ExportedClassifier, build_model
 from lepton_spark.progress import ConsoleProgress
 from lepton_spark.redact import redact_text, redact_tree
+from lepton_spark.registry import register
 from lepton_spark.shardio import find_committed
 from lepton_spark.shards import ShardSet, write_shards
 from lepton_spark.spec import FeatureSpec
@@ -76,6 +77,7 @@ class PipelineResult:
     warnings: list[str] = field(default_factory=list)
     outcome: Literal["trained", "resumed", "already_finished"] = "trained"
     run_key: str | None = None
+    registered_version: str | None = None  # with tracking.registered_model: alias "candidate"
 
 
 @contextmanager
@@ -181,6 +183,28 @@ def train_with_retries(
 
 RUN_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
 FINAL_METRICS = ("train_loss", "val_loss", "val_accuracy", "samples_per_second", "epoch_seconds")
+
+
+def environment_tags() -> dict[str, str]:
+    """The code and libraries behind a run: the git commit of the working directory (when it is
+    a git checkout) and the versions of the libraries that decide the result."""
+    import importlib.metadata as md
+    import subprocess
+
+    tags = {}
+    for package in ("torch", "pyspark", "pyarrow", "mlflow", "horovod"):
+        try:
+            tags[f"versions.{package}"] = md.version(package)
+        except md.PackageNotFoundError:
+            continue
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        tags["mlflow.source.git.commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
 
 
 def shared_storage_warnings(cfg: PipelineConfig, master: str) -> list[str]:
@@ -352,7 +376,9 @@ def run_pipeline(
     tags = {
         "lepton_spark.version": __version__,
         "pipeline": cfg.name,
+        "pipeline.hash": cfg.fingerprint(),
         CONFIG_HASH_TAG: cfg.training_fingerprint(),
+        **environment_tags(),
     }
     previous = None
     if run_key is not None:
@@ -483,6 +509,12 @@ def run_pipeline(
                 pip_requirements=_pip_requirements(),
             )
         run.set_tags({"model_uri": model_uri})
+        version = None
+        if cfg.tracking.registered_model:
+            version = register(model_uri, cfg.tracking.registered_model)
+            run.set_tags(
+                {"registry.model": cfg.tracking.registered_model, "registry.version": version}
+            )
         run.log_json(chief.history, "history.json")
         run.log_metrics({f"time_{k}_s": v for k, v in timings.items()}, step=0)
         final = {k: v for k, v in chief.history[-1].items() if k != "epoch"}
@@ -502,6 +534,7 @@ def run_pipeline(
             warnings=warnings,
             outcome="resumed" if resume else "trained",
             run_key=run_key,
+            registered_version=version,
         )
 
 

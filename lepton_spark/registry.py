@@ -1,0 +1,91 @@
+"""The model registry: each trained model registered and marked ``candidate``; ``champion`` moved
+to a version only when its validation metric beats the current champion's (the config's rule).
+
+Works against any MLflow tracking store with a registry (the embedded sqlite store, a server).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``promote`` did and why, in words a person reads in a scheduler's log."""
+
+    promoted: bool
+    version: str
+    champion_before: str | None
+    reason: str
+
+
+def register(model_uri: str, name: str) -> str:
+    """Register ``model_uri`` under ``name`` (created if new), alias it ``candidate``; its version.
+
+    Uses mlflow's current tracking URI (inside a run, the run's store).
+    """
+    version = mlflow.register_model(model_uri, name).version
+    MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
+    return str(version)
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _metric(client: MlflowClient, name: str, version: str, metric: str) -> float:
+    run_id = client.get_model_version(name, version).run_id
+    metrics = client.get_run(run_id).data.metrics
+    if metric not in metrics:
+        raise ValueError(
+            f"{name} version {version} (run {run_id}) has no metric {metric!r}; "
+            f"it has {sorted(metrics)}"
+        )
+    return float(metrics[metric])
+
+
+def promote(
+    client: MlflowClient,
+    name: str,
+    metric: str = "val_accuracy",
+    mode: Literal["max", "min"] = "max",
+    version: str | None = None,
+) -> Decision:
+    """Move ``champion`` to ``version`` (default: the ``candidate``) if it beats the champion."""
+    candidate = version or _alias(client, name, CANDIDATE)
+    if candidate is None:
+        raise ValueError(f"registered model {name!r} has no {CANDIDATE!r} version to promote")
+    value = _metric(client, name, candidate, metric)
+    champion = _alias(client, name, CHAMPION)
+    if champion == candidate:
+        return Decision(False, candidate, champion, f"version {candidate} is the champion already")
+    if champion is not None:
+        best = _metric(client, name, champion, metric)
+        better = value > best if mode == "max" else value < best
+        if not better:
+            return Decision(
+                False,
+                candidate,
+                champion,
+                f"version {candidate} {metric} {value:.4f} does not beat champion version "
+                f"{champion}'s {best:.4f} ({mode}); champion stays {champion}",
+            )
+        reason = (
+            f"version {candidate} {metric} {value:.4f} beats champion version {champion}'s "
+            f"{best:.4f} ({mode})"
+        )
+    else:
+        reason = f"no champion yet; version {candidate} {metric} {value:.4f}"
+    client.set_registered_model_alias(name, CHAMPION, candidate)
+    return Decision(True, candidate, champion, reason + f"; champion is now version {candidate}")
