@@ -82,6 +82,21 @@ class SplitInfo(BaseModel):
     def rows_per_rank(self, size: int) -> list[int]:
         return [sum(s.rows for s in shards) for shards in self.assignment(size)]
 
+    def training_problem(self, size: int, batch_size: int, tail: Tail = "drop") -> str | None:
+        """Why ``size`` ranks cannot each run a full step on this split (``None``: they can)."""
+        rows_per_rank = self.rows_per_rank(size)
+        if self.rows < size or min(rows_per_rank) == 0:
+            return (
+                f"{self.rows} training rows for train.num_workers={size} ranks: every rank needs "
+                f"rows (rows per rank: {rows_per_rank}); lower train.num_workers or add data"
+            )
+        if self.steps_per_epoch(size, batch_size, tail) == 0:
+            return (
+                f"no full step: rows per rank {rows_per_rank} with train.batch_size={batch_size} "
+                "(train.tail: drop); lower train.batch_size or set train.tail: pad"
+            )
+        return None
+
     def steps_per_epoch(self, size: int, batch_size: int, tail: Tail = "drop") -> int:
         """Steps every rank runs per epoch, the same on every rank so no allreduce waits.
 

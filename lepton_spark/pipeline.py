@@ -224,26 +224,26 @@ def shared_storage_warnings(cfg: PipelineConfig, master: str) -> list[str]:
 
 def check_trainable(cfg: PipelineConfig, manifest: Manifest) -> None:
     """Enough training rows for every rank to run at least one full step (before submitting)."""
-    train = manifest.split("train")
-    size, batch = cfg.train.num_workers, cfg.train.batch_size
-    rows_per_rank = train.rows_per_rank(size)
-    if train.rows < size or min(rows_per_rank) == 0:
-        raise DataError(
-            f"{train.rows} training rows for train.num_workers={size} ranks: every rank needs "
-            f"rows (rows per rank: {rows_per_rank}); lower train.num_workers or add data"
-        )
-    if train.steps_per_epoch(size, batch, cfg.train.tail) == 0:
-        raise DataError(
-            f"no full step: rows per rank {rows_per_rank} with train.batch_size={batch} "
-            "(train.tail: drop); lower train.batch_size or set train.tail: pad"
-        )
+    t = cfg.train
+    problem = manifest.split("train").training_problem(t.num_workers, t.batch_size, t.tail)
+    if problem:
+        raise DataError(problem)
 
 
 def _finished_result(
-    previous: Any, target: TrackingTarget, experiment: str, run_key: str
+    previous: Any, target: TrackingTarget, experiment: str, run_key: str, same_config: bool
 ) -> PipelineResult:
     """What a finished run of the same key produced, read back from MLflow (no new training)."""
+    log.info("run key %s finished already in run %s", run_key, previous.info.run_id)
     tags, metrics = previous.data.tags, previous.data.metrics
+    warnings = (
+        []
+        if same_config
+        else [
+            f"the pipeline config changed since run {previous.info.run_id} finished for run key "
+            f"{run_key}; its result stands (--force trains again)"
+        ]
+    )
     return PipelineResult(
         run_id=previous.info.run_id,
         experiment=experiment,
@@ -259,7 +259,7 @@ def _finished_result(
             for split in ("train", "validation")
             if f"rows.{split}" in tags
         },
-        warnings=[],
+        warnings=warnings,
         outcome="already_finished",
         run_key=run_key,
     )
@@ -384,24 +384,16 @@ def run_pipeline(
     if run_key is not None:
         tags[RUN_KEY_TAG] = run_key
         previous = None if force else find_keyed_run(target, experiment, run_key)
-        if previous is not None and previous.info.status == "FINISHED":
-            log.info("run key %s finished already in run %s", run_key, previous.info.run_id)
-            result = _finished_result(previous, target, experiment, run_key)
-            if previous.data.tags.get(CONFIG_HASH_TAG) != tags[CONFIG_HASH_TAG]:
-                result.warnings.append(
-                    f"the pipeline config changed since run {previous.info.run_id} finished "
-                    f"for run key {run_key}; its result stands (--force trains again)"
+        if previous is not None:
+            same_config = previous.data.tags.get(CONFIG_HASH_TAG) == tags[CONFIG_HASH_TAG]
+            if previous.info.status == "FINISHED":
+                return _finished_result(previous, target, experiment, run_key, same_config)
+            if not same_config:
+                raise InputError(
+                    f"run key {run_key}: the unfinished run {previous.info.run_id} was started "
+                    "with another pipeline config (data, features, model or training settings "
+                    "changed); --force starts a fresh run"
                 )
-            return result
-        if (
-            previous is not None
-            and previous.data.tags.get(CONFIG_HASH_TAG) != tags[CONFIG_HASH_TAG]
-        ):
-            raise InputError(
-                f"run key {run_key}: the unfinished run {previous.info.run_id} was started with "
-                "another pipeline config (data, features, model or training settings changed); "
-                "--force starts a fresh run"
-            )
     console = ConsoleProgress() if progress is None else None
     show = progress or console
     assert show is not None

@@ -198,13 +198,10 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
     manifest: Manifest = read_manifest(spec.shard_folder)
     features = manifest.feature_spec
     train_split, val_split = manifest.split("train"), manifest.split("validation")
+    problem = train_split.training_problem(size, cfg.batch_size, cfg.tail)
+    if problem:  # the driver checks this before submitting; callers without it get it here
+        raise InputError(f"rank {rank}: {problem}")
     steps = train_split.steps_per_epoch(size, cfg.batch_size, cfg.tail)
-    rows_per_rank = train_split.rows_per_rank(size)
-    if steps == 0 or min(rows_per_rank) == 0:
-        raise InputError(
-            f"rank {rank}: too few training rows for {size} ranks × batch {cfg.batch_size} "
-            f"(rows per rank: {rows_per_rank}); lower train.batch_size or train.num_workers"
-        )
     device = choose_device(cfg.device, hvd.local_rank())
     precision = choose_precision(cfg.mixed_precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
