@@ -187,6 +187,68 @@ def promote(
     console.print(f"{name}: {word}: {decision.reason}", soft_wrap=True)
 
 
+@app.command()
+def score(
+    model: Annotated[
+        str, typer.Option(help="Model URI, e.g. models:/tabular-demo@champion or runs:/ID/model.")
+    ],
+    input_path: Annotated[
+        str, typer.Option("--input", help="Input: a path (Parquet, CSV, JSON, ORC) or a table.")
+    ],
+    output: Annotated[str, typer.Option(help="Output Parquet folder (path or URI).")],
+    key: Annotated[
+        list[str] | None,
+        typer.Option(help="Input column copied to the output (repeat; default: all non-features)."),
+    ] = None,
+    input_format: Annotated[
+        str | None, typer.Option("--format", help="Input format (default: from the extension).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    master: Annotated[str, typer.Option(help="Spark master.")] = "local[*]",
+    partitions: Annotated[
+        int | None, typer.Option(help="Repartition the input first (more parallel tasks).")
+    ] = None,
+    threads_per_task: Annotated[int, typer.Option(help="torch threads per Spark task.")] = 1,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: local)."),
+    ] = None,
+) -> None:
+    """Score a table with a logged model on Spark; Parquet out with keys, prediction and
+    probabilities."""
+    import mlflow
+
+    from lepton_spark.config import SparkConfig, TrackingConfig
+    from lepton_spark.etl import spark_session
+    from lepton_spark.scoring import score as score_table
+    from lepton_spark.tracking import resolve_tracking
+
+    mlflow.set_tracking_uri(resolve_tracking(TrackingConfig(), tracking_uri).tracking_uri)
+    interrupts.install(signal.SIGTERM)
+    try:
+        spark = spark_session(SparkConfig(master=master), app_name="lepton-spark score")
+        result = score_table(
+            spark,
+            model,
+            input_path,
+            output,
+            keys=key,
+            input_format=input_format,
+            overwrite=overwrite,
+            threads_per_task=threads_per_task,
+            partitions=partitions,
+        )
+    except Exception as err:
+        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__, exit_code(err))
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
+    console.print(
+        f"scored {result.rows:,} rows in {result.seconds:.1f} s "
+        f"({result.rows_per_second:,.0f} rows/s; model loaded by {result.model_loads} Python "
+        f"worker(s) for {result.batches} Arrow batches) → {result.output}"
+    )
+
+
 cluster_app = typer.Typer(
     no_args_is_help=True,
     help="A Spark standalone cluster on this machine (127.0.0.1), from the pyspark install.",

@@ -88,6 +88,11 @@ class FeatureSpecConfig(_Frozen):
         "the rows, or fill the features with fill_value (a null label cannot be filled)",
     )
     fill_value: float = 0.0
+    standardize: bool = Field(
+        False,
+        description="standardise numeric features with mean and std computed on Spark; the "
+        "statistics are stored with the model",
+    )
 
     @model_validator(mode="after")
     def _columns_distinct(self) -> FeatureSpecConfig:
@@ -165,7 +170,12 @@ class TrainConfig(_Frozen):
         "scaler on older GPUs",
     )
     threads_per_rank: int | None = Field(None, gt=0)
-    progress_every_steps: int = Field(50, gt=0)
+    progress_every_steps: int = Field(
+        50,
+        gt=0,
+        description="rank 0 reports progress and logs the per-step metrics (train_loss_step, "
+        "throughput) every N steps",
+    )
     checkpoint_root: str = Field(
         ".lepton/checkpoints", description="a path or pyarrow.fs URI; one folder per MLflow run"
     )
@@ -213,6 +223,38 @@ class TrackingConfig(_Frozen):
     )
     promote_metric: str = Field("val_accuracy", description="what 'lepton-spark promote' compares")
     promote_mode: Literal["max", "min"] = "max"
+    system_metrics_interval_s: float | None = Field(
+        10.0,
+        gt=0.0,
+        description="sample CPU, memory (GPU with nvidia-ml-py) on the driver's host this often, "
+        "as MLflow system metrics; null turns them off",
+    )
+
+
+class CompressConfig(_Frozen):
+    """An optional step after training: a smaller, faster copy of the model, registered as a
+    version of its own (tagged with what was done) beside the trained one."""
+
+    quantize: bool = Field(False, description="dynamic int8 quantization of the Linear layers")
+    prune: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="magnitude pruning: this share of the Linear weights (smallest |w|) set to 0",
+    )
+    eval_rows: int = Field(
+        500_000, gt=0, description="validation rows both models are scored on (on the driver)"
+    )
+    latency_batch: int = Field(512, gt=0, description="rows per batch in the CPU latency test")
+
+    @property
+    def enabled(self) -> bool:
+        return self.quantize or self.prune is not None
+
+    @property
+    def method(self) -> str:
+        parts = [f"prune{self.prune:g}"] if self.prune is not None else []
+        return "+".join([*parts, *(["int8"] if self.quantize else [])])
 
 
 class PipelineConfig(_Frozen):
@@ -227,6 +269,7 @@ class PipelineConfig(_Frozen):
     train: TrainConfig = Field(default_factory=TrainConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
 
     @model_validator(mode="after")
     def _sources_and_transform(self) -> PipelineConfig:
@@ -265,7 +308,9 @@ class PipelineConfig(_Frozen):
             "checkpoint_root",
             "device",
         }
-        dump = self.model_dump(mode="json", exclude={"spark", "tracking", "description"})
+        dump = self.model_dump(
+            mode="json", exclude={"spark", "tracking", "description", "compress"}
+        )
         dump["train"] = {k: v for k, v in dump["train"].items() if k not in operational}
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -29,7 +29,7 @@ from lepton_spark.config import (
     SplitConfig,
 )
 from lepton_spark.errors import InputError
-from lepton_spark.spec import UNKNOWN_INDEX, CategoricalFeature, FeatureSpec
+from lepton_spark.spec import UNKNOWN_INDEX, CategoricalFeature, FeatureSpec, Standardization
 
 log = logging.getLogger(__name__)
 
@@ -279,13 +279,14 @@ def build_features(
             f"label {spec.label!r} has values in [{label_min}, {label_max}], "
             f"outside [0, {num_classes}) for num_classes={num_classes}"
         )
+    standardize = _standardization(df, spec.numeric) if spec.standardize else {}
     categorical = []
     for c in spec.categorical:
         vocabulary = _vocabulary(df, c, spec.max_categories)
         categorical.append(CategoricalFeature(name=c, vocabulary=vocabulary))
         df = _index_column(df, c, vocabulary)
     out = df.select(
-        *[F.col(c).cast("float").alias(c) for c in spec.numeric],
+        *[_numeric(c, standardize.get(c)) for c in spec.numeric],
         *[F.col(c).cast("long").alias(c) for c in spec.categorical],
         F.col(spec.label).cast("long").alias(spec.label),
         *[F.col(c) for c in keep if c not in (*spec.numeric, *spec.categorical, spec.label)],
@@ -295,8 +296,34 @@ def build_features(
         categorical=categorical,
         label=spec.label,
         num_classes=num_classes,
+        standardize=standardize,
+        fill_value=spec.fill_value,
     )
     return out, feature_spec, rows
+
+
+def _standardization(df: DataFrame, columns: list[str]) -> dict[str, Standardization]:
+    """Mean and population std per column, one pass over the cleaned rows (std 0 → 1)."""
+    if not columns:
+        return {}
+    aggs = []
+    for c in columns:
+        value = F.col(c).cast("double")
+        aggs += [F.avg(value).alias(f"m:{c}"), F.stddev_pop(value).alias(f"s:{c}")]
+    row = df.agg(*aggs).first()
+    assert row is not None
+    stats = {}
+    for c in columns:
+        std = float(row[f"s:{c}"] or 0.0)
+        stats[c] = Standardization(mean=float(row[f"m:{c}"] or 0.0), std=std if std > 0 else 1.0)
+    return stats
+
+
+def _numeric(column: str, scale: Standardization | None) -> Column:
+    value = F.col(column).cast("double")
+    if scale is not None:
+        value = (value - F.lit(scale.mean)) / F.lit(scale.std)
+    return value.cast("float").alias(column)
 
 
 def split(df: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, DataFrame]:

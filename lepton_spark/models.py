@@ -43,28 +43,6 @@ class TabularMLP(nn.Module):
         return self.body(torch.cat(parts, dim=1))
 
 
-class ExportedClassifier(nn.Module):
-    """The served form: one float32 matrix of input columns in, class probabilities out.
-
-    ``mlflow.pyfunc`` hands a PyTorch model a single float32 tensor made from the pandas frame; the
-    columns are ``FeatureSpec.input_columns`` (numeric values, then categorical indices).
-    """
-
-    def __init__(self, model: nn.Module, n_numeric: int, cardinalities: list[int]) -> None:
-        super().__init__()
-        self.model = model
-        self.n_numeric = n_numeric
-        self.register_buffer("cardinalities", torch.tensor(cardinalities, dtype=torch.long))
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        numeric = inputs[:, : self.n_numeric].float()
-        categorical = inputs[:, self.n_numeric :].round().long()
-        # An index the vocabulary does not have is "unknown" (0), as in training.
-        known = (categorical >= 0) & (categorical < self.cardinalities)
-        categorical = torch.where(known, categorical, torch.zeros_like(categorical))
-        return torch.softmax(self.model(numeric, categorical), dim=1)
-
-
 def build_model(cfg: ModelConfig, spec: FeatureSpec, seed: int | None = None) -> nn.Module:
     """The configured model, initialised from ``seed`` when given."""
     if seed is not None:

@@ -24,7 +24,7 @@ import torch
 import yaml
 from pyspark.sql import SparkSession
 
-from lepton_spark import __version__
+from lepton_spark import __version__, plots, serving
 from lepton_spark.barrier import (
     BarrierError,
     BarrierSettings,
@@ -33,16 +33,16 @@ from lepton_spark.barrier import (
     run_barrier,
 )
 from lepton_spark.checkpoint import CHECKPOINT_NAME
+from lepton_spark.compress import compress, measure
 from lepton_spark.config import PipelineConfig, load_config
 from lepton_spark.errors import InputError
 from lepton_spark.etl import DataError, prepare, spark_session
 from lepton_spark.fingerprint import dataset_fingerprint
-from lepton_spark.loader import record_batches
 from lepton_spark.manifest import Manifest, SkewReport
-from lepton_spark.models import ExportedClassifier, build_model
+from lepton_spark.models import build_model
 from lepton_spark.progress import ConsoleProgress
 from lepton_spark.redact import redact_text, redact_tree
-from lepton_spark.registry import register
+from lepton_spark.registry import register, register_variant
 from lepton_spark.shardio import find_committed
 from lepton_spark.shards import ShardSet, write_shards
 from lepton_spark.spec import FeatureSpec
@@ -283,55 +283,53 @@ def skew_warnings(cfg: PipelineConfig, reports: dict[str, SkewReport]) -> list[s
     ]
 
 
-def input_example(shard_set: ShardSet, rows: int = 5) -> pd.DataFrame:
-    """The first validation rows (training rows if validation has none) as the model's input."""
-    spec = shard_set.manifest.feature_spec
-    splits = shard_set.manifest.splits
-    shard = (splits["validation"].shards or splits["train"].shards)[0]
-    batches = record_batches(
-        locate(shard_set.folder).child(shard.path), len(spec.numeric), len(spec.categorical)
-    )
-    batch = next(batches)
-    batches.close()
-    frame = {c: batch.numeric[:rows, i].numpy() for i, c in enumerate(spec.numeric)}
-    frame |= {c: batch.categorical[:rows, i].numpy() for i, c in enumerate(spec.categorical_names)}
-    return pd.DataFrame(frame)
+def raw_example(spark: SparkSession, cfg: PipelineConfig, rows: int = 5) -> pd.DataFrame:
+    """A few rows of the transform's output, the model's input columns as the user has them."""
+    from lepton_spark.etl import load_and_transform
+
+    columns = [*cfg.features.numeric, *cfg.features.categorical]
+    return load_and_transform(spark, cfg).select(*columns).limit(rows).toPandas()
 
 
-def model_signature(spec: FeatureSpec) -> Any:
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
-
-    inputs = [ColSpec("float", c) for c in spec.numeric]
-    inputs += [ColSpec("long", c) for c in spec.categorical_names]
-    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes), "probabilities")])
-    return ModelSignature(inputs=Schema(inputs), outputs=outputs)
-
-
-def export_model(cfg: PipelineConfig, spec: FeatureSpec, result: TrainResult) -> torch.nn.Module:
-    """The trained weights in their served form (one input matrix, probabilities out)."""
+def trained_network(cfg: PipelineConfig, spec: FeatureSpec, result: TrainResult) -> torch.nn.Module:
+    """The network with rank 0's trained weights, for serving (eval mode, on the CPU)."""
     model = build_model(cfg.model, spec)
     model.load_state_dict(result.load_state_dict())
-    cardinalities = [c.cardinality for c in spec.categorical]
-    return ExportedClassifier(model, len(spec.numeric), cardinalities).eval()
+    return model.eval()
 
 
 def _pip_requirements() -> list[str]:
     import importlib.metadata as md
 
+    # lepton-spark itself travels inside the model (code_paths); these load it.
     return [
         f"torch=={torch.__version__.split('+')[0]}",
         f"numpy=={np.__version__}",
         f"pandas=={pd.__version__}",
-        f"lepton-spark=={md.version('lepton-spark')}",
+        f"pyarrow=={md.version('pyarrow')}",
+        f"pydantic=={md.version('pydantic')}",
+        f"mlflow=={md.version('mlflow')}",
     ]
 
 
 def _events_to_mlflow(run: TrackedRun) -> Callable[[dict[str, Any]], None]:
+    """Rank 0's events as MLflow metrics and tags. Metrics go through MLflow's asynchronous
+    logger: queued here, sent in batches; nothing on the ranks waits for the store."""
+
     def handle(event: dict[str, Any]) -> None:
-        if event.get("event") == "epoch":
-            run.log_metrics(event["metrics"], step=int(event["epoch"]))
-        elif event.get("event") == "start":
+        kind = event.get("event")
+        if kind == "progress" and "global_step" in event:
+            run.log_metrics(
+                {
+                    "train_loss_step": event["window_loss"],
+                    "throughput_samples_per_second": event["samples_per_second"],
+                },
+                step=int(event["global_step"]),
+                wait=False,
+            )
+        elif kind == "epoch":
+            run.log_metrics(event["metrics"], step=int(event["epoch"]), wait=False)
+        elif kind == "start":
             run.set_tags(
                 {
                     "ranks.device": event["device"],
@@ -400,7 +398,14 @@ def run_pipeline(
     resume = previous.info.run_id if previous is not None else None
     run_name = cfg.tracking.run_name or (f"{cfg.name}-{run_key}" if run_key else None)
 
-    with TrackedRun(target, experiment, run_name, tags, resume_run_id=resume) as run:
+    with TrackedRun(
+        target,
+        experiment,
+        run_name,
+        tags,
+        resume_run_id=resume,
+        system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
+    ) as run:
         if resume is None:
             run.log_params(cfg.flat())
             run.log_text(
@@ -491,14 +496,12 @@ def run_pipeline(
         if attempts > 1:
             warnings.append(f"training needed {attempts} attempts; it resumed from checkpoints")
         chief = results[0]
+        log_pictures(run, chief)
+        network = trained_network(cfg, manifest.feature_spec, chief)
+        example = raw_example(spark, cfg)
         with _timed(timings, "model_logging"):
-            feature_spec = manifest.feature_spec
-            example = input_example(shard_set)
-            model_uri = run.log_pytorch_model(
-                export_model(cfg, feature_spec, chief),
-                signature=model_signature(feature_spec),
-                input_example=example,
-                pip_requirements=_pip_requirements(),
+            model_uri = serving.log_model(
+                network, manifest.feature_spec, example, pip_requirements=_pip_requirements()
             )
         run.set_tags({"model_uri": model_uri})
         version = None
@@ -507,6 +510,9 @@ def run_pipeline(
             run.set_tags(
                 {"registry.model": cfg.tracking.registered_model, "registry.version": version}
             )
+        if cfg.compress.enabled:
+            with _timed(timings, "compression"):
+                log_compressed(run, cfg, shard_set, network, example, version)
         run.log_json(chief.history, "history.json")
         run.log_metrics({f"time_{k}_s": v for k, v in timings.items()}, step=0)
         final = {k: v for k, v in chief.history[-1].items() if k != "epoch"}
@@ -528,6 +534,79 @@ def run_pipeline(
             run_key=run_key,
             registered_version=version,
         )
+
+
+def validation_batches(shard_set: ShardSet) -> Iterator[tuple[np.ndarray, ...]]:
+    """The validation split as ``(numeric, categorical, label)`` numpy batches (on the driver)."""
+    from lepton_spark.loader import record_batches
+
+    spec = shard_set.manifest.feature_spec
+    for shard in shard_set.manifest.split("validation").shards:
+        for batch in record_batches(
+            locate(shard_set.folder).child(shard.path), len(spec.numeric), len(spec.categorical)
+        ):
+            yield batch.numeric.numpy(), batch.categorical.numpy(), batch.label.numpy()
+
+
+def log_compressed(
+    run: TrackedRun,
+    cfg: PipelineConfig,
+    shard_set: ShardSet,
+    network: torch.nn.Module,
+    example: pd.DataFrame,
+    trained_version: str | None,
+) -> None:
+    """Compress the trained network (``cfg.compress``), measure both, log the compressed one as
+    the run's ``model_compressed`` and, with a registered model, as a version of its own."""
+    compressed = compress(network, cfg.compress)
+    report = measure(network, compressed, validation_batches(shard_set), cfg.compress)
+    log.info("compression %s", report.summary())
+    run.log_json(report.as_dict(), "compression/report.json")
+    run.log_text(report.summary() + "\n", "compression/report.txt")
+    run.log_metrics(
+        {
+            "model_size_bytes": report.before.size_bytes,
+            "model_latency_ms_per_batch": report.before.latency_ms,
+            "compressed_size_bytes": report.after.size_bytes,
+            "compressed_latency_ms_per_batch": report.after.latency_ms,
+            "compressed_val_accuracy": report.after.accuracy,
+            "compression_accuracy_cost": report.accuracy_cost,
+        },
+        step=0,
+    )
+    uri = serving.log_model(
+        compressed,
+        shard_set.manifest.feature_spec,
+        example,
+        pip_requirements=_pip_requirements(),
+        name="model_compressed",
+    )
+    tags = {"compression": report.method, "compressed_model_uri": uri}
+    if cfg.tracking.registered_model:
+        version = register_variant(
+            uri,
+            cfg.tracking.registered_model,
+            report.method,
+            {"val_accuracy": report.after.accuracy},
+            trained_version,
+        )
+        tags["registry.compressed_version"] = version
+    run.set_tags(tags)
+
+
+def log_pictures(run: TrackedRun, result: TrainResult) -> None:
+    """Learning curves (with the per-step loss read back from MLflow) and the confusion matrix."""
+    run.flush()
+    step_loss = sorted(
+        (m.step, m.value) for m in run.client.get_metric_history(run.run_id, "train_loss_step")
+    )
+    run.log_image(
+        plots.learning_curves(result.history, step_loss, result.steps_per_epoch),
+        "plots/learning_curves.png",
+    )
+    if result.confusion is not None:
+        run.log_json(result.confusion, "confusion_matrix.json")
+        run.log_image(plots.confusion_matrix(result.confusion), "plots/confusion_matrix.png")
 
 
 def keep_checkpoint(run: TrackedRun, folder: Location) -> None:

@@ -37,6 +37,28 @@ def register(model_uri: str, name: str) -> str:
     return str(version)
 
 
+COMPRESSION_TAG = "lepton.compression"
+METRIC_TAG_PREFIX = "metrics."  # a version's own metric, where it differs from its run's
+
+
+def register_variant(
+    model_uri: str, name: str, method: str, metrics: dict[str, float], source_version: str | None
+) -> str:
+    """Register a derived model (a compressed copy) as a version of its own, no alias moved.
+
+    Its run is the trained model's run, whose metrics describe the trained model: the variant's
+    own metrics go on the version as ``metrics.<name>`` tags, which :func:`promote` reads first.
+    """
+    version = str(mlflow.register_model(model_uri, name).version)
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, COMPRESSION_TAG, method)
+    if source_version is not None:
+        client.set_model_version_tag(name, version, "lepton.compressed_from", source_version)
+    for metric, value in metrics.items():
+        client.set_model_version_tag(name, version, METRIC_TAG_PREFIX + metric, repr(float(value)))
+    return version
+
+
 def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
@@ -45,7 +67,11 @@ def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
 
 
 def _metric(client: MlflowClient, name: str, version: str, metric: str) -> float:
-    run_id = client.get_model_version(name, version).run_id
+    model_version = client.get_model_version(name, version)
+    own = (model_version.tags or {}).get(METRIC_TAG_PREFIX + metric)
+    if own is not None:
+        return float(own)
+    run_id = model_version.run_id
     metrics = client.get_run(run_id).data.metrics
     if metric not in metrics:
         raise ValueError(

@@ -29,13 +29,34 @@ class CategoricalFeature(BaseModel):
         return len(self.vocabulary) + 1
 
 
+class Standardization(BaseModel):
+    """``(x - mean) / std`` for one numeric column, computed on Spark over the cleaned rows."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mean: float
+    std: float = Field(gt=0.0)
+
+
 class FeatureSpec(BaseModel):
+    """The features as the shards hold them, and how raw input becomes that.
+
+    The preprocessing (vocabularies, standardisation, the value a missing number takes) is part of
+    the spec, so the served model applies exactly what ETL applied (:mod:`lepton_spark.serving`).
+    """
+
     model_config = ConfigDict(frozen=True)
 
     numeric: list[str]
     categorical: list[CategoricalFeature]
     label: str
     num_classes: int = Field(ge=2)
+    standardize: dict[str, Standardization] = Field(
+        default_factory=dict, description="numeric columns standardised in ETL"
+    )
+    fill_value: float = Field(
+        0.0, description="what a null/NaN/inf numeric value becomes (before standardisation)"
+    )
 
     @property
     def categorical_names(self) -> list[str]:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,8 +93,10 @@ class TrackedRun:
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
         resume_run_id: str | None = None,
+        system_metrics_interval_s: float | None = None,
     ) -> None:
         self.target = target
+        self.system_metrics_interval_s = system_metrics_interval_s
         self.resume_run_id = resume_run_id
         self.experiment = experiment
         self.run_name = run_name
@@ -111,10 +114,23 @@ class TrackedRun:
         )
         mlflow.set_tracking_uri(self.target.tracking_uri)
         exp = experiment_id(self.client, self.experiment, self.target.artifact_root)
+        # MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) sampled on
+        # the driver's host, logged as system/* metrics while the run is live.
+        system = self.system_metrics_interval_s is not None
+        if system:
+            mlflow.set_system_metrics_sampling_interval(self.system_metrics_interval_s)
+            mlflow.set_system_metrics_samples_before_logging(1)
         if self.resume_run_id:  # the same run again: RUNNING, its params and metrics kept
-            run = mlflow.start_run(run_id=self.resume_run_id, tags=self.tags)
+            run = mlflow.start_run(
+                run_id=self.resume_run_id, tags=self.tags, log_system_metrics=system
+            )
         else:
-            run = mlflow.start_run(experiment_id=exp, run_name=self.run_name, tags=self.tags)
+            run = mlflow.start_run(
+                experiment_id=exp,
+                run_name=self.run_name,
+                tags=self.tags,
+                log_system_metrics=system,
+            )
         self.run_id = run.info.run_id
         return self
 
@@ -134,9 +150,17 @@ class TrackedRun:
             except Exception:  # the run must still be closed
                 log.exception("could not record the error on run %s", self.run_id)
         try:
+            self.flush()
+        except Exception:  # the run must still be closed
+            log.exception("could not write the last metrics of run %s", self.run_id)
+        try:
             mlflow.end_run(status=status)
         finally:
             self._restore_tracking_uri()
+
+    def flush(self) -> None:
+        """Wait until the metrics logged asynchronously are in the store."""
+        mlflow.flush_async_logging()
 
     def _restore_tracking_uri(self) -> None:
         uri, env = self._previous_uri
@@ -160,10 +184,19 @@ class TrackedRun:
         tags = redact_mapping(tags)
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, wait: bool = True) -> None:
+        """``wait=False``: queued and sent in batches by MLflow's async logger (metrics as
+        training goes: the caller, a rank's event, never waits for the store)."""
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.client.log_batch(self.run_id, metrics=batch, synchronous=wait)
+
+    def log_image(self, png: bytes, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="lepton-artifact-") as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(png)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, redact_text(text), artifact_file)
@@ -173,17 +206,3 @@ class TrackedRun:
 
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_pytorch_model(self, model: Any, **kwargs: Any) -> str:
-        """Log with ``mlflow.pytorch`` (pickled module) into this run; returns the model URI."""
-        kwargs.setdefault("serialization_format", "pickle")
-        # The pickle format is chosen on purpose (pt2 needs tensor-only signatures); mlflow warns
-        # about it on every call.
-        flavour_log = logging.getLogger("mlflow.pytorch")
-        level = flavour_log.level
-        flavour_log.setLevel(logging.ERROR)
-        try:
-            info = mlflow.pytorch.log_model(model, name="model", **kwargs)
-        finally:
-            flavour_log.setLevel(level)
-        return info.model_uri

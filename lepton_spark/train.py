@@ -62,6 +62,7 @@ class TrainResult:
     device: str
     steps_per_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    confusion: list[list[int]] | None = None  # last validation: rows by label, columns predicted
     resumed_from: tuple[int, int] | None = None  # (epoch, step) of the checkpoint it started at
     state_dict: bytes | None = None  # rank 0 only: torch.save of the model's state_dict
 
@@ -147,9 +148,12 @@ def evaluate(
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
     precision: Precision = Precision(),
+    num_classes: int = 2,
 ) -> torch.Tensor:
-    """``[loss sum, correct, rows]`` over the loader, as a float64 tensor (for an allreduce)."""
-    totals = torch.zeros(3, dtype=torch.float64)
+    """``[loss sum, correct, rows, confusion (label-major, num_classes²)…]`` over the loader, as a
+    float64 tensor (for one allreduce)."""
+    totals = torch.zeros(3 + num_classes * num_classes, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     model.eval()
     with torch.no_grad():
         for n, batch in enumerate(loader.epoch(0)):
@@ -158,9 +162,14 @@ def evaluate(
             batch = batch.to(device)
             with _autocast(device, precision):
                 logits = model(batch.numeric, batch.categorical).float()
+            predicted = logits.argmax(dim=1)
             totals[0] += F.cross_entropy(logits, batch.label, reduction="sum").item()
-            totals[1] += (logits.argmax(dim=1) == batch.label).sum().item()
+            totals[1] += (predicted == batch.label).sum().item()
             totals[2] += len(batch)
+            confusion += torch.bincount(
+                batch.label * num_classes + predicted, minlength=num_classes * num_classes
+            )
+    totals[3:] = confusion.cpu().to(torch.float64)
     return totals
 
 
@@ -257,12 +266,14 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
             }
         )
     global_step = position.global_step
+    confusion: list[list[int]] | None = None
     fault = planned_fault(spec, rank)
     for epoch in range(position.epoch, cfg.epochs):
         done = position.step if epoch == position.epoch else 0
         started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        window = _Window(done, loss_sum)
         for step, batch in enumerate(train_loader.epoch(epoch), start=1):
             beat(epoch, step)
             if step <= done:  # batches the checkpoint already trained on (same order)
@@ -288,13 +299,17 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
             if fault is not None and global_step == fault[1]:
                 inject_fault(fault[0], rank, global_step)
             if report and (step % cfg.progress_every_steps == 0 or step == steps):
+                # Rank 0's view: its own loss (the ranks' mean comes with the epoch's metrics),
+                # the cluster's throughput since the last report.
                 report(
                     {
                         "event": "progress",
                         "epoch": epoch + 1,
                         "step": step,
                         "steps": steps,
+                        "global_step": global_step,
                         "loss": loss_sum.item() / (step - done),
+                        **window.advance(step, loss_sum, cfg.batch_size * size),
                     }
                 )
             every = cfg.checkpoint_every_steps
@@ -316,12 +331,15 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
             device,
             functools.partial(beat, epoch, steps, EVALUATING),
             precision,
+            features.num_classes,
         )
         beat(epoch, steps, REDUCING)
         # One allreduce per epoch: [rank mean train loss, val loss sum, correct, rows].
         mean_loss = (loss_sum.cpu() / max(steps - done, 1)).to(torch.float64).reshape(1)
         totals = hvd.allreduce(torch.cat([mean_loss, val]), op=hvd.Sum, name="epoch_totals")
-        train_loss, val = totals[0] / size, totals[1:]
+        train_loss, val = totals[0] / size, totals[1:4]
+        k = features.num_classes
+        confusion = totals[4:].round().to(torch.long).reshape(k, k).tolist()
         metrics = {
             "train_loss": float(train_loss),
             "val_loss": float(val[0] / max(val[2], 1)),
@@ -349,8 +367,28 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
         steps_per_epoch=steps,
         history=history,
         state_dict=weights,
+        confusion=confusion,
         resumed_from=resumed,
     )
+
+
+class _Window:
+    """Loss and throughput since the last progress report (what the per-step metrics show)."""
+
+    def __init__(self, step: int, loss_sum: torch.Tensor) -> None:
+        self.step = step
+        self.loss = float(loss_sum)
+        self.time = time.perf_counter()
+
+    def advance(self, step: int, loss_sum: torch.Tensor, samples_per_step: int) -> dict[str, float]:
+        now, loss = time.perf_counter(), float(loss_sum)
+        steps = max(step - self.step, 1)
+        out = {
+            "window_loss": (loss - self.loss) / steps,
+            "samples_per_second": steps * samples_per_step / max(now - self.time, 1e-9),
+        }
+        self.step, self.loss, self.time = step, loss, now
+        return out
 
 
 def _resume(

@@ -1,31 +1,88 @@
+import numpy as np
+import pandas as pd
+import pyarrow as pa
 import torch
 
 from lepton_spark.config import ModelConfig
-from lepton_spark.models import ExportedClassifier, build_model
-from lepton_spark.spec import CategoricalFeature, FeatureSpec
+from lepton_spark.models import build_model
+from lepton_spark.serving import Preprocessor, Scorer, decode
+from lepton_spark.spec import CategoricalFeature, FeatureSpec, Standardization
 
 SPEC = FeatureSpec(
     numeric=["a", "b"],
     categorical=[CategoricalFeature(name="c", vocabulary=["x", "y"])],
     label="y",
     num_classes=3,
+    standardize={"a": Standardization(mean=1.0, std=2.0)},
+    fill_value=-5.0,
 )
 
 
-def test_exported_model_takes_one_matrix_and_returns_probabilities():
+def test_model_maps_numeric_and_categorical_to_class_logits():
     model = build_model(ModelConfig(hidden=[8]), SPEC, seed=0).eval()
-    exported = ExportedClassifier(model, n_numeric=2, cardinalities=[3]).eval()
-    inputs = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, 1.0]])
-    probs = exported(inputs)
-    assert probs.shape == (2, 3)
-    torch.testing.assert_close(probs.sum(dim=1), torch.ones(2))
-    expected = torch.softmax(model(inputs[:, :2], torch.tensor([[2], [1]])), dim=1)
-    torch.testing.assert_close(probs, expected)
+    logits = model(torch.tensor([[0.5, -1.0], [1.5, 0.0]]), torch.tensor([[2], [1]]))
+    assert logits.shape == (2, 3)
 
 
-def test_categorical_indices_the_vocabulary_lacks_count_as_unknown():
-    model = build_model(ModelConfig(hidden=[8]), SPEC, seed=0).eval()
-    exported = ExportedClassifier(model, n_numeric=2, cardinalities=[3]).eval()
-    unknown = exported(torch.tensor([[0.1, 0.2, 0.0]]))
-    for bad in (3.0, 17.0, -1.0):
-        torch.testing.assert_close(exported(torch.tensor([[0.1, 0.2, bad]])), unknown)
+def test_preprocessing_indexes_standardises_and_fills_like_etl():
+    frame = pd.DataFrame(
+        {
+            "a": [3.0, np.nan, np.inf, 1.0],
+            "b": [1, 2, 3, 4],  # integers are numbers too
+            "c": ["y", "x", "never seen", None],
+            "extra": ["kept out", "of", "the", "model"],
+        }
+    )
+    numeric, categorical = Preprocessor(SPEC)(pa.Table.from_pandas(frame))
+    # a: (3 - 1) / 2 = 1; NaN and inf are filled with -5, then standardised: (-5 - 1) / 2 = -3.
+    np.testing.assert_allclose(numeric[:, 0], [1.0, -3.0, -3.0, 0.0])
+    np.testing.assert_allclose(numeric[:, 1], [1.0, 2.0, 3.0, 4.0])
+    assert numeric.dtype == np.float32
+    # Vocabulary index + 1; unseen values and nulls are the unknown index 0.
+    assert categorical[:, 0].tolist() == [2, 1, 0, 0]
+
+
+def test_categorical_values_match_as_spark_casts_them_to_strings():
+    spec = SPEC.model_copy(
+        update={"categorical": [CategoricalFeature(name="c", vocabulary=["7", "true"])]}
+    )
+    table = pa.table({"a": [0.0, 0.0], "b": [0.0, 0.0], "c": [7, 8]})
+    assert Preprocessor(spec)(table)[1][:, 0].tolist() == [1, 0]
+    table = pa.table({"a": [0.0, 0.0], "b": [0.0, 0.0], "c": [True, False]})
+    assert Preprocessor(spec)(table)[1][:, 0].tolist() == [2, 0]
+
+
+def test_missing_columns_are_named():
+    try:
+        Preprocessor(SPEC)(pa.table({"a": [1.0]}))
+    except ValueError as err:
+        assert "['b', 'c']" in str(err)
+    else:
+        raise AssertionError("no error for missing columns")
+
+
+def test_scorer_probabilities_equal_the_network_on_preprocessed_features():
+    network = build_model(ModelConfig(hidden=[8]), SPEC, seed=0).eval()
+    scorer = Scorer(SPEC, network)
+    frame = pd.DataFrame({"a": [3.0, -1.0], "b": [0.5, 0.25], "c": ["x", "zz"]})
+    expected = torch.softmax(
+        network(torch.tensor([[1.0, 0.5], [-1.0, 0.25]]), torch.tensor([[1], [0]])), dim=1
+    )
+    np.testing.assert_allclose(scorer.probabilities(frame), expected.detach().numpy(), rtol=1e-6)
+
+    batch = pa.RecordBatch.from_pandas(frame.assign(id=[10, 11]), preserve_index=False)
+    out = scorer.predict_arrow(batch, keys=["id"])
+    assert out.schema.names == ["id", "prediction", "probabilities"]
+    assert out.column("id").to_pylist() == [10, 11]
+    assert out.column("prediction").to_pylist() == expected.argmax(dim=1).tolist()
+    np.testing.assert_allclose(
+        np.array(out.column("probabilities").to_pylist()), expected.detach().numpy(), rtol=1e-6
+    )
+
+
+def test_decode_inverts_the_preprocessing():
+    raw = pd.DataFrame({"a": [3.0, -1.0], "b": [0.5, 0.25], "c": ["x", None]})
+    numeric, categorical = Preprocessor(SPEC)(pa.Table.from_pandas(raw))
+    back = decode(SPEC, numeric, categorical)
+    np.testing.assert_allclose(back[["a", "b"]].to_numpy(), raw[["a", "b"]].to_numpy())
+    assert back["c"].tolist() == ["x", None]

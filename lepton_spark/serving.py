@@ -1,0 +1,239 @@
+"""The served model: raw input columns in, prediction and class probabilities out.
+
+The network a rank trains sees preprocessed features (vocabulary indices, standardised numbers).
+The model logged to MLflow carries that preprocessing with it (the :class:`FeatureSpec`), so
+``mlflow.pyfunc.load_model(uri).predict(frame)`` takes the columns the pipeline's SQL transform
+produces, as they are: strings (or any type) for categorical columns, numbers for numeric ones.
+What ETL does on Spark is done here with Arrow compute, the same way:
+
+- a categorical value is matched as Spark casts it to a string (``3`` → ``"3"``, ``True`` →
+  ``"true"``); a value not in the vocabulary, or null, is the "unknown" index 0;
+- a null, NaN or infinite number becomes the spec's ``fill_value``, then it is standardised with
+  the training statistics (when ``features.standardize`` was on).
+
+The trained ``nn.Module`` is inside, as an ``mlflow.pytorch`` model (artifact ``network``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from mlflow.pyfunc import PythonModel
+
+from lepton_spark.spec import UNKNOWN_INDEX, FeatureSpec
+
+PREDICTION = "prediction"
+PROBABILITIES = "probabilities"
+SPEC_ARTIFACT = "feature_spec"
+NETWORK_ARTIFACT = "network"
+
+Columnar = pa.Table | pa.RecordBatch
+
+
+class Preprocessor:
+    """Raw columns → ``(numeric float32 [rows, n], categorical int64 [rows, c])``, as in ETL."""
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+        self._vocabularies = [pa.array(c.vocabulary, pa.string()) for c in spec.categorical]
+
+    def missing_columns(self, columns: list[str]) -> list[str]:
+        return [c for c in self.spec.input_columns if c not in columns]
+
+    def __call__(self, data: Columnar) -> tuple[np.ndarray, np.ndarray]:
+        spec = self.spec
+        missing = self.missing_columns(data.schema.names)
+        if missing:
+            raise ValueError(
+                f"input lacks the model's columns {missing} (it has {data.schema.names}); "
+                f"the model reads {spec.input_columns}"
+            )
+        rows = data.num_rows
+        numeric = np.empty((rows, len(spec.numeric)), dtype=np.float32)
+        for i, name in enumerate(spec.numeric):
+            values = np.asarray(
+                pc.cast(data.column(name), pa.float64()).to_numpy(zero_copy_only=False),
+                dtype=np.float64,
+            ).copy()
+            values[~np.isfinite(values)] = spec.fill_value
+            scale = spec.standardize.get(name)
+            if scale is not None:
+                values = (values - scale.mean) / scale.std
+            numeric[:, i] = values
+        categorical = np.empty((rows, len(spec.categorical)), dtype=np.int64)
+        for i, (feature, vocabulary) in enumerate(
+            zip(spec.categorical, self._vocabularies, strict=True)
+        ):
+            column = data.column(feature.name)
+            if column.type != pa.string():
+                column = pc.cast(column, pa.string())
+            index = pc.index_in(column, value_set=vocabulary)  # null: not in the vocabulary
+            categorical[:, i] = (
+                pc.fill_null(index, UNKNOWN_INDEX - 1).to_numpy(zero_copy_only=False) + 1
+            )
+        return numeric, categorical
+
+
+class Scorer:
+    """A network and its preprocessing: class probabilities for raw Arrow or pandas input."""
+
+    def __init__(self, spec: FeatureSpec, network: torch.nn.Module) -> None:
+        self.spec = spec
+        self.preprocess = Preprocessor(spec)
+        self.network = network.eval()
+
+    def probabilities(self, data: Columnar | pd.DataFrame) -> np.ndarray:
+        if isinstance(data, pd.DataFrame):
+            data = pa.Table.from_pandas(data, preserve_index=False)
+        numeric, categorical = self.preprocess(data)
+        with torch.inference_mode():
+            logits = self.network(torch.from_numpy(numeric), torch.from_numpy(categorical))
+            return torch.softmax(logits.float(), dim=1).numpy()
+
+    def predict_arrow(self, batch: pa.RecordBatch, keys: list[str]) -> pa.RecordBatch:
+        """``keys`` columns of ``batch`` as they are, then prediction and probabilities."""
+        probabilities = self.probabilities(batch)
+        k = probabilities.shape[1]
+        flat = pa.array(probabilities.reshape(-1), pa.float32())
+        return pa.RecordBatch.from_arrays(
+            [
+                *(batch.column(name) for name in keys),
+                pa.array(probabilities.argmax(axis=1), pa.int64()),
+                pa.ListArray.from_arrays(
+                    pa.array(np.arange(0, k * len(batch) + 1, k, np.int32)), flat
+                ),
+            ],
+            names=[*keys, PREDICTION, PROBABILITIES],
+        )
+
+
+def predictions_frame(probabilities: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(
+        {PREDICTION: probabilities.argmax(axis=1), PROBABILITIES: list(probabilities)}
+    )
+
+
+class TabularModel(PythonModel):
+    """The pyfunc model MLflow stores: see the module's docstring."""
+
+    def load_context(self, context: Any) -> None:
+        import mlflow.pytorch
+
+        spec = FeatureSpec.model_validate_json(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
+        network = mlflow.pytorch.load_model(context.artifacts[NETWORK_ARTIFACT], map_location="cpu")
+        self.scorer = Scorer(spec, network)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
+        return predictions_frame(self.scorer.probabilities(model_input))
+
+
+def log_model(
+    network: torch.nn.Module,
+    spec: FeatureSpec,
+    raw_example: pd.DataFrame,
+    pip_requirements: list[str],
+    name: str = "model",
+) -> str:
+    """Log ``network`` with its preprocessing as a pyfunc model into the active run; its URI.
+
+    The package's own code travels with the model (``code_paths``), so it loads where
+    lepton-spark is not installed.
+    """
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    scorer = Scorer(spec, network)
+    example_output = predictions_frame(scorer.probabilities(raw_example))
+    with tempfile.TemporaryDirectory(prefix="lepton-model-") as tmp, _quiet_mlflow():
+        spec_file = Path(tmp) / "feature_spec.json"
+        spec_file.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        network_dir = Path(tmp) / "network"
+        mlflow.pytorch.save_model(
+            network,
+            str(network_dir),
+            serialization_format="pickle",
+            pip_requirements=pip_requirements,
+        )
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=TabularModel(),
+            artifacts={SPEC_ARTIFACT: str(spec_file), NETWORK_ARTIFACT: str(network_dir)},
+            code_paths=[str(Path(__file__).parent)],
+            signature=infer_signature(raw_example, example_output),
+            input_example=raw_example,
+            pip_requirements=pip_requirements,
+        )
+    return info.model_uri
+
+
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """The pickle formats are chosen on purpose (the network is a plain module, the preprocessing
+    a Python class); mlflow warns about them, and about int columns in the output, every time."""
+    loggers = [logging.getLogger(n) for n in ("mlflow.pytorch", "mlflow.pyfunc", "mlflow.models")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+            # Pickling a quantized module touches torch's deprecated TypedStorage.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def load_scorer(model_dir: str | Path) -> Scorer:
+    """A :class:`Scorer` from a downloaded model folder (what :func:`log_model` wrote)."""
+    import mlflow.pytorch
+
+    root = Path(model_dir)
+    artifacts = root / "artifacts"
+    spec = FeatureSpec.model_validate_json((artifacts / "feature_spec.json").read_text())
+    network = mlflow.pytorch.load_model(str(artifacts / "network"), map_location="cpu")
+    return Scorer(spec, network)
+
+
+def decode(spec: FeatureSpec, numeric: np.ndarray, categorical: np.ndarray) -> pd.DataFrame:
+    """Preprocessed features back to raw columns (vocabulary values, unstandardised numbers):
+    shard rows as the model's raw input, for checks and notebooks. Index 0 becomes ``None``."""
+    frame: dict[str, Any] = {}
+    for i, name in enumerate(spec.numeric):
+        scale = spec.standardize.get(name)
+        values = numeric[:, i].astype(np.float64)
+        frame[name] = values * scale.std + scale.mean if scale else values
+    for i, feature in enumerate(spec.categorical):
+        lookup = np.array([None, *feature.vocabulary], dtype=object)
+        frame[feature.name] = lookup[categorical[:, i]]
+    return pd.DataFrame(frame)
+
+
+def shard_rows(folder: str, split: str = "validation") -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+    """A split's shards as (raw input frame, labels) per record batch."""
+    from lepton_spark.loader import record_batches
+    from lepton_spark.manifest import read_manifest
+    from lepton_spark.storage import locate
+
+    manifest = read_manifest(folder)
+    spec = manifest.feature_spec
+    for shard in manifest.split(split).shards:
+        for batch in record_batches(
+            locate(folder).child(shard.path), len(spec.numeric), len(spec.categorical)
+        ):
+            raw = decode(spec, batch.numeric.numpy(), batch.categorical.numpy())
+            yield raw, batch.label.numpy()
