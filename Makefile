@@ -1,7 +1,7 @@
 # lepton-spark: everything a fresh machine needs, from the project's own files.
 #   make demo   set up .venv and run the demo pipeline (1M rows, 2 Horovod ranks, MLflow)
 #   make test   set up .venv and run the whole test suite
-#   make bench  the data-path benchmarks (ratios printed, JSON in benchmarks/results/)
+#   make bench  the benchmarks (ratios printed, JSON in benchmarks/results/)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lepton-installed
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast lint format lock clean bench bench-data-path bench-memory \
-	bench-scaling bench-petastorm bench-petastorm-env bench-recovery wheel cluster-up cluster-down airflow-env
+	bench-scaling bench-petastorm bench-petastorm-env bench-recovery bench-scoring bench-tracking wheel cluster-up cluster-down airflow-env
 
 $(STAMP): pyproject.toml constraints.txt scripts/install_horovod.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,7 +48,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Benchmarks: measured side by side in one run, never timed tests (shared machines are noisy).
-bench: bench-data-path bench-memory bench-scaling bench-petastorm
+bench: bench-data-path bench-memory bench-scaling bench-petastorm bench-scoring bench-tracking
 
 bench-data-path: setup
 	$(BIN)/python -m benchmarks.data_path
@@ -61,6 +61,12 @@ bench-scaling: setup
 
 bench-recovery: setup
 	$(BIN)/python -m benchmarks.recovery
+
+bench-scoring: setup
+	$(BIN)/python -m benchmarks.scoring
+
+bench-tracking: setup
+	$(BIN)/python -m benchmarks.tracking
 
 bench-petastorm: setup bench-petastorm-env
 	$(BIN)/python -m benchmarks.vs_petastorm

@@ -86,9 +86,8 @@ def main() -> None:
                 str(work / f"udf-{i}")
             )
             theirs.append(rows / (time.perf_counter() - started))
-            print(
-                f"round {i}{' (warm-up)' if i == 0 else ''}: score {ours[-1]:,.0f} rows/s, spark_udf {theirs[-1]:,.0f} rows/s"
-            )
+            label = f"round {i}" + (" (warm-up)" if i == 0 else "")
+            print(f"{label}: score {ours[-1]:,.0f} rows/s, spark_udf {theirs[-1]:,.0f} rows/s")
         a = spark.read.parquet(str(work / "ours-0")).orderBy("id").toPandas()
         b = spark.read.parquet(str(work / "udf-0")).orderBy("id").toPandas()
         assert (a["prediction"].to_numpy() == b["prediction"].to_numpy()).all()

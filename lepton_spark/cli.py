@@ -9,6 +9,7 @@ stalled rank after the retries: a later retry may help); 130 interrupted (Ctrl-C
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -44,6 +45,9 @@ def _main(
     )
     for noisy in ("py4j", "alembic", "mlflow", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # mlflow installs its own INFO handler when it is imported (later, lazily) unless told not to:
+    # its messages then come through ours, warnings and errors only.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 
 
 @app.command()

@@ -396,7 +396,8 @@ def run_pipeline(
     show = progress or console
     assert show is not None
     resume = previous.info.run_id if previous is not None else None
-    run_name = cfg.tracking.run_name or (f"{cfg.name}-{run_key}" if run_key else None)
+    # The pipeline and the run key (or the start time): readable in the UI's run list.
+    run_name = cfg.tracking.run_name or f"{cfg.name}-{run_key or time.strftime('%Y%m%d-%H%M%S')}"
 
     with TrackedRun(
         target,

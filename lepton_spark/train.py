@@ -40,6 +40,7 @@ from lepton_spark.watchdog import (
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], None]
+CONFUSION_MAX_CLASSES = 100  # above: no confusion matrix (its allreduce would grow as classes²)
 Beat = Callable[..., None]  # beat(epoch, step, doing=TRAINING, n=0): see lepton_spark.watchdog
 
 
@@ -151,9 +152,10 @@ def evaluate(
     num_classes: int = 2,
 ) -> torch.Tensor:
     """``[loss sum, correct, rows, confusion (label-major, num_classes²)…]`` over the loader, as a
-    float64 tensor (for one allreduce)."""
-    totals = torch.zeros(3 + num_classes * num_classes, dtype=torch.float64)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    float64 tensor (for one allreduce); no confusion counts above ``CONFUSION_MAX_CLASSES``."""
+    cells = num_classes * num_classes if num_classes <= CONFUSION_MAX_CLASSES else 0
+    totals = torch.zeros(3 + cells, dtype=torch.float64)
+    confusion = torch.zeros(max(cells, 1), dtype=torch.long, device=device)
     model.eval()
     with torch.no_grad():
         for n, batch in enumerate(loader.epoch(0)):
@@ -166,10 +168,9 @@ def evaluate(
             totals[0] += F.cross_entropy(logits, batch.label, reduction="sum").item()
             totals[1] += (predicted == batch.label).sum().item()
             totals[2] += len(batch)
-            confusion += torch.bincount(
-                batch.label * num_classes + predicted, minlength=num_classes * num_classes
-            )
-    totals[3:] = confusion.cpu().to(torch.float64)
+            if cells:
+                confusion += torch.bincount(batch.label * num_classes + predicted, minlength=cells)
+    totals[3:] = confusion[:cells].cpu().to(torch.float64)
     return totals
 
 
@@ -339,7 +340,8 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
         totals = hvd.allreduce(torch.cat([mean_loss, val]), op=hvd.Sum, name="epoch_totals")
         train_loss, val = totals[0] / size, totals[1:4]
         k = features.num_classes
-        confusion = totals[4:].round().to(torch.long).reshape(k, k).tolist()
+        if k <= CONFUSION_MAX_CLASSES:
+            confusion = totals[4:].round().to(torch.long).reshape(k, k).tolist()
         metrics = {
             "train_loss": float(train_loss),
             "val_loss": float(val[0] / max(val[2], 1)),
