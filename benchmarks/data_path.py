@@ -30,13 +30,14 @@ from benchmarks._common import (
     timed,
 )
 from lepton_spark.config import ModelConfig
-from lepton_spark.loader import Batch, ShardLoader, record_batches
+from lepton_spark.loader import Batch, Layout, ShardLoader, record_batches
 from lepton_spark.manifest import Manifest
 from lepton_spark.models import build_model
 from lepton_spark.shardio import row_bytes
 
 # About 10× fewer multiply-adds per row than the demo MLP (25→128→64→2: 11.5k; 25→40→2: 1.1k).
 LIGHT_MODEL = ModelConfig(hidden=[40], embedding_dim=8)
+LAYOUT = Layout.of(SPEC)
 
 
 def macs_per_row(cfg: ModelConfig) -> int:
@@ -53,7 +54,7 @@ def in_memory(folder: Path, manifest: Manifest) -> Batch:
     parts = [
         b
         for shard in manifest.split("train").shards
-        for b in record_batches(folder / shard.path, len(SPEC.numeric), len(SPEC.categorical))
+        for b in record_batches(folder / shard.path, LAYOUT)
     ]
     return Batch(*(torch.cat(ts).clone() for ts in zip(*(p.tensors() for p in parts), strict=True)))
 
@@ -72,7 +73,7 @@ def train(model_cfg: ModelConfig, batches: Iterator[Batch]) -> int:
     steps = 0
     for batch in batches:
         optimizer.zero_grad()
-        F.cross_entropy(model(batch.numeric, batch.categorical), batch.label).backward()
+        F.cross_entropy(model(LAYOUT.inputs(batch)), batch.label).backward()
         optimizer.step()
         steps += 1
     return steps
@@ -94,8 +95,7 @@ def compare(
         return ShardLoader(
             folder,
             shards,
-            n_numeric=len(SPEC.numeric),
-            n_categorical=len(SPEC.categorical),
+            layout=LAYOUT,
             batch_size=batch,
             steps=steps,
             shuffle=True,
@@ -149,8 +149,7 @@ def read_rates(folder: Path, manifest: Manifest, batch: int, rounds: int) -> dic
     shards = manifest.split("train").shards
     places = [folder / s.path for s in shards]
     common = {
-        "n_numeric": len(SPEC.numeric),
-        "n_categorical": len(SPEC.categorical),
+        "layout": LAYOUT,
         "drop_last": False,
         "verify": False,
     }

@@ -20,7 +20,7 @@ from lepton_spark.shardio import row_bytes
 
 def stream(folder: str) -> dict[str, float]:
     """Child process: one shuffled epoch over every shard; peak RSS in MB."""
-    from lepton_spark.loader import ShardLoader
+    from lepton_spark.loader import Layout, ShardLoader
     from lepton_spark.manifest import read_manifest
 
     manifest = read_manifest(folder)
@@ -29,8 +29,7 @@ def stream(folder: str) -> dict[str, float]:
     loader = ShardLoader(
         folder,
         split.shards,
-        n_numeric=len(SPEC.numeric),
-        n_categorical=len(SPEC.categorical),
+        layout=Layout.of(SPEC),
         batch_size=512,
         shuffle=True,
         drop_last=False,

@@ -23,7 +23,7 @@ from pathlib import Path
 from benchmarks._common import SPEC, WORK, report, run_json
 from benchmarks._frame import local_spark, make_frame
 from lepton_spark.config import ShardConfig
-from lepton_spark.loader import ShardLoader
+from lepton_spark.loader import Layout, ShardLoader
 from lepton_spark.shards import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +56,7 @@ def ours(rows: int, batch: int) -> dict[str, float]:
         loader = ShardLoader(  # includes checking every shard's sha256, as a rank does
             shard_set.folder,
             split.shards,
-            n_numeric=len(SPEC.numeric),
-            n_categorical=len(SPEC.categorical),
+            layout=Layout.of(SPEC),
             batch_size=batch,
             shuffle=shuffle,
             drop_last=False,

@@ -135,6 +135,8 @@ def run(
     table = Table(title=f"{cfg.name}: done", show_header=False, title_justify="left")
     for key, value in result.metrics.items():
         table.add_row(key, f"{value:.4f}")
+    for key, value in result.baseline.items():
+        table.add_row(key, f"{value:.4f}")
     table.add_row("rows", ", ".join(f"{k} {v:,}" for k, v in result.rows.items()))
     if result.timings:
         table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))

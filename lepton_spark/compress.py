@@ -23,6 +23,8 @@ from torch.nn.utils import prune
 
 from lepton_spark.config import CompressConfig
 
+Inputs = dict[str, torch.Tensor]
+
 
 @dataclass(frozen=True)
 class Measurement:
@@ -101,28 +103,28 @@ def _sizes(model: nn.Module) -> tuple[int, int]:
     return len(data), len(gzip.compress(data, compresslevel=6))
 
 
-def _latency_ms(model: nn.Module, numeric: torch.Tensor, categorical: torch.Tensor) -> float:
+def _latency_ms(model: nn.Module, inputs: Inputs) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
             for _ in range(5):
-                model(numeric, categorical)
+                model(inputs)
             times = []
             for _ in range(30):
                 started = time.perf_counter()
-                model(numeric, categorical)
+                model(inputs)
                 times.append((time.perf_counter() - started) * 1000)
     finally:
         torch.set_num_threads(threads)
     return statistics.median(times)
 
 
-def _accuracy(model: nn.Module, batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+def _accuracy(model: nn.Module, batches: list[tuple[Inputs, np.ndarray]]) -> float:
     correct = rows = 0
     with torch.inference_mode():
-        for numeric, categorical, label in batches:
-            logits = model(torch.from_numpy(numeric), torch.from_numpy(categorical))
+        for inputs, label in batches:
+            logits = model(inputs)
             correct += int((logits.argmax(dim=1).numpy() == label).sum())
             rows += len(label)
     return correct / max(rows, 1)
@@ -131,22 +133,22 @@ def _accuracy(model: nn.Module, batches: list[tuple[np.ndarray, np.ndarray, np.n
 def measure(
     before: nn.Module,
     after: nn.Module,
-    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    batches: Iterable[tuple[Inputs, np.ndarray]],
     cfg: CompressConfig,
 ) -> CompressionReport:
-    """Score both on the same ``(numeric, categorical, label)`` batches (up to ``eval_rows``)."""
-    kept, rows = [], 0
-    for numeric, categorical, label in batches:
+    """Score both on the same ``(model inputs, labels)`` batches (up to ``eval_rows``)."""
+    kept: list[tuple[Inputs, np.ndarray]] = []
+    rows = 0
+    for inputs, label in batches:
         take = min(len(label), cfg.eval_rows - rows)
-        kept.append((numeric[:take], categorical[:take], label[:take]))
+        kept.append(({k: v[:take] for k, v in inputs.items()}, label[:take]))
         rows += take
         if rows >= cfg.eval_rows:
             break
     if rows == 0:
         raise ValueError("no validation rows to measure the compressed model on")
     n = cfg.latency_batch
-    numeric = torch.from_numpy(np.concatenate([b[0] for b in kept])[:n])
-    categorical = torch.from_numpy(np.concatenate([b[1] for b in kept])[:n])
+    first = {k: torch.cat([b[0][k] for b in kept])[:n] for k in kept[0][0]}
 
     def one(model: nn.Module) -> Measurement:
         size, gz = _sizes(model)
@@ -154,10 +156,14 @@ def measure(
             accuracy=_accuracy(model, kept),
             size_bytes=size,
             gzip_bytes=gz,
-            latency_ms=_latency_ms(model, numeric, categorical),
+            latency_ms=_latency_ms(model, first),
             zero_weight_share=_zero_share(model),
         )
 
     return CompressionReport(
-        method=cfg.method, rows=rows, batch_rows=len(numeric), before=one(before), after=one(after)
+        method=cfg.method,
+        rows=rows,
+        batch_rows=len(next(iter(first.values()))),
+        before=one(before),
+        after=one(after),
     )

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lepton_spark.errors import InputError
 
@@ -45,13 +46,49 @@ class SparkConfig(_Frozen):
 
 
 class GeneratedSource(_Frozen):
-    """A synthetic classification table made on Spark (see ``lepton_spark.datagen``)."""
+    """A synthetic data set made on Spark (see ``lepton_spark.datagen``).
 
-    kind: Literal["tabular_classification"] = "tabular_classification"
+    Fields that do not apply to ``kind`` are ignored by it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    kind: Literal["tabular_classification", "tabular_regression", "digits", "topics", "blobs"] = (
+        "tabular_classification"
+    )
+    """Which data set: see ``lepton_spark.datagen``."""
     rows: int = Field(1_000_000, gt=0)
+    """Number of rows (ignored by ``digits``, which always has its 1,797 images)."""
     seed: int = 7
+    """Every value is a function of ``seed`` and the row id (``digits`` ignores it)."""
     label_noise: float = Field(0.08, ge=0.0, lt=0.5)
+    """tabular_classification, topics: probability that a label is replaced by a random one."""
     partitions: int | None = Field(None, gt=0)
+    """Spark partitions of the table (default: the default parallelism, at least 2)."""
+    target_noise: float = Field(0.5, ge=0.0)
+    """tabular_regression: standard deviation of the Gaussian noise added to the target."""
+    clusters: int = Field(8, ge=2, le=64)
+    """blobs: number of Gaussian clusters."""
+    dims: int = Field(10, ge=1, le=256)
+    """blobs: number of feature columns ``f0..f{dims-1}``."""
+    cluster_std: float = Field(1.0, gt=0.0)
+    """blobs: standard deviation of every cluster, in each dimension."""
+    vocabulary: int = Field(2000, ge=50)
+    """topics: number of distinct words (half shared by all topics, half split among topics)."""
+    min_words: int = Field(8, ge=1)
+    """topics: fewest words in a document."""
+    max_words: int = Field(40, ge=1)
+    """topics: most words in a document (at least ``min_words``)."""
+    topics: int = Field(4, ge=2, le=20)
+    """topics: number of topics (the labels are 0..topics-1)."""
+
+    @model_validator(mode="after")
+    def _word_range(self) -> GeneratedSource:
+        if self.max_words < self.min_words:
+            raise ValueError(
+                f"max_words ({self.max_words}) must be at least min_words ({self.min_words})"
+            )
+        return self
 
 
 class SourceConfig(_Frozen):
@@ -76,10 +113,39 @@ class SourceConfig(_Frozen):
         return self
 
 
+class ArrayConfig(_Frozen):
+    """A column of fixed-length numeric arrays (``array<…>`` or a Spark ML vector)."""
+
+    name: str
+    shape: list[int] | None = Field(
+        None, description="per-row shape for the model, e.g. [1, 8, 8] (default: [length])"
+    )
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, shape: list[int] | None) -> list[int] | None:
+        if shape is not None and (not shape or min(shape) <= 0):
+            raise ValueError("shape needs positive sizes")
+        return shape
+
+
+class TextConfig(_Frozen):
+    """A text column, tokenised on Spark (lower case, split on non-alphanumerics)."""
+
+    name: str
+    max_length: int = Field(64, gt=0, description="tokens per row: longer texts are cut")
+    max_vocabulary: int = Field(20_000, gt=0, description="the most frequent words kept")
+    min_count: int = Field(1, gt=0, description="words seen fewer times are 'unknown'")
+
+
 class FeatureSpecConfig(_Frozen):
+    task: Literal["classification", "regression", "clustering"] = "classification"
     numeric: list[str] = Field(default_factory=list)
     categorical: list[str] = Field(default_factory=list)
-    label: str
+    arrays: list[ArrayConfig] = Field(default_factory=list)
+    text: list[TextConfig] = Field(default_factory=list)
+    label: str | None = Field(None, description="the target column (not for clustering)")
+    weight: str | None = Field(None, description="sample weight column (training loss)")
     num_classes: int | None = Field(None, ge=2)
     max_categories: int = Field(10_000, gt=0)
     nulls: Literal["fail", "drop", "fill"] = Field(
@@ -96,9 +162,20 @@ class FeatureSpecConfig(_Frozen):
 
     @model_validator(mode="after")
     def _columns_distinct(self) -> FeatureSpecConfig:
-        if not self.numeric and not self.categorical:
-            raise ValueError("name at least one numeric or categorical column")
-        columns = [*self.numeric, *self.categorical, self.label]
+        if not (self.numeric or self.categorical or self.arrays or self.text):
+            raise ValueError("name at least one numeric, categorical, array or text column")
+        if self.task != "clustering" and self.label is None:
+            raise ValueError(f"a {self.task} pipeline needs a 'label' column")
+        if self.task != "classification" and self.num_classes is not None:
+            raise ValueError("num_classes is for classification")
+        columns = [
+            *self.numeric,
+            *self.categorical,
+            *(a.name for a in self.arrays),
+            *(t.name for t in self.text),
+            *([self.label] if self.label else []),
+            *([self.weight] if self.weight else []),
+        ]
         repeated = sorted({c for c in columns if columns.count(c) > 1})
         if repeated:
             raise ValueError(f"columns used twice: {repeated}")
@@ -198,6 +275,16 @@ class TrainConfig(_Frozen):
         pattern=r"^(kill|hang):\d+:\d+$",
         description="testing only: 'kill:RANK:STEP' or 'hang:RANK:STEP' on the first attempt",
     )
+    loss: str | None = Field(
+        None,
+        description="'package.module:function' (outputs, labels, weights or None) -> scalar; "
+        "default cross-entropy (classification) or mean squared error (regression)",
+    )
+    metrics: list[str] = Field(
+        default_factory=list,
+        description="more validation metrics: 'package.module:function' (outputs, labels) -> a "
+        "value per row, averaged over the validation split as val_<function>",
+    )
     horovod_cycle_time_ms: float = Field(
         5.0,
         gt=0.0,
@@ -207,10 +294,38 @@ class TrainConfig(_Frozen):
 
 
 class ModelConfig(_Frozen):
-    name: Literal["mlp"] = "mlp"
+    name: str = Field(
+        "mlp",
+        description="mlp | linear | cnn | transformer | kmeans, or 'package.module:function' "
+        "(a factory taking the feature spec and the options, returning an nn.Module)",
+    )
     hidden: list[int] = Field(default_factory=lambda: [128, 64])
     embedding_dim: int = Field(8, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="more arguments for the model (see lepton_spark.models)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        builtin = ("mlp", "linear", "cnn", "transformer", "kmeans")
+        if name not in builtin and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name):
+            raise ValueError(
+                f"unknown model {name!r}: one of {', '.join(builtin)}, or 'package.module:function'"
+            )
+        return name
+
+
+class BaselineConfig(_Frozen):
+    """Spark MLlib trained on the same split, logged beside the neural model's metrics."""
+
+    mllib: bool = Field(
+        False,
+        description="logistic regression (classification), linear regression (regression) or "
+        "k-means (clustering) with Spark MLlib",
+    )
+    max_iter: int = Field(100, gt=0)
 
 
 class TrackingConfig(_Frozen):
@@ -270,6 +385,7 @@ class PipelineConfig(_Frozen):
     model: ModelConfig = Field(default_factory=ModelConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
 
     @model_validator(mode="after")
     def _sources_and_transform(self) -> PipelineConfig:
@@ -280,6 +396,14 @@ class PipelineConfig(_Frozen):
         for view in self.sources:
             if not view.isidentifier():
                 raise ValueError(f"source name {view!r} must be a valid SQL view name")
+        clustering = self.features.task == "clustering"
+        if clustering != (self.model.name == "kmeans"):
+            raise ValueError(
+                "clustering pipelines use model 'kmeans', and model 'kmeans' is for clustering "
+                f"(features.task is {self.features.task!r}, model.name {self.model.name!r})"
+            )
+        if self.compress.enabled and self.features.task != "classification":
+            raise ValueError("compress is measured by accuracy: classification models only")
         return self
 
     def flat(self) -> dict[str, str]:
@@ -309,7 +433,7 @@ class PipelineConfig(_Frozen):
             "device",
         }
         dump = self.model_dump(
-            mode="json", exclude={"spark", "tracking", "description", "compress"}
+            mode="json", exclude={"spark", "tracking", "description", "compress", "baseline"}
         )
         dump["train"] = {k: v for k, v in dump["train"].items() if k not in operational}
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 from pyspark import StorageLevel
@@ -22,6 +23,7 @@ from pyspark.sql.utils import AnalysisException
 
 from lepton_spark import datagen
 from lepton_spark.config import (
+    ArrayConfig,
     FeatureSpecConfig,
     PipelineConfig,
     SourceConfig,
@@ -29,7 +31,18 @@ from lepton_spark.config import (
     SplitConfig,
 )
 from lepton_spark.errors import InputError
-from lepton_spark.spec import UNKNOWN_INDEX, CategoricalFeature, FeatureSpec, Standardization
+from lepton_spark.spec import (
+    FIRST_WORD,
+    PAD_TOKEN,
+    TOKEN_SPLIT,
+    UNKNOWN_INDEX,
+    UNKNOWN_TOKEN,
+    ArrayFeature,
+    CategoricalFeature,
+    FeatureSpec,
+    Standardization,
+    TextFeature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,21 +162,60 @@ def load_and_transform(spark: SparkSession, cfg: PipelineConfig) -> DataFrame:
 _NUMERIC_TYPES = (T.NumericType, T.BooleanType)
 
 
+def _is_vector(data_type: T.DataType) -> bool:
+    return data_type.typeName() == "vector" or type(data_type).__name__ == "VectorUDT"
+
+
 def _check_columns(df: DataFrame, spec: FeatureSpecConfig) -> None:
     types = {f.name: f.dataType for f in df.schema.fields}
-    missing = [c for c in [*spec.numeric, *spec.categorical, spec.label] if c not in types]
+    wanted = [
+        *spec.numeric,
+        *spec.categorical,
+        *(a.name for a in spec.arrays),
+        *(t.name for t in spec.text),
+        *([spec.label] if spec.label else []),
+        *([spec.weight] if spec.weight else []),
+    ]
+    missing = [c for c in wanted if c not in types]
     if missing:
         raise DataError(
             f"columns {missing} are in the feature spec but not in the data "
             f"(columns: {sorted(types)})"
         )
-    for c in spec.numeric:
+    named = [(c, "numeric feature") for c in spec.numeric]
+    named += [(spec.weight, "weight column")] if spec.weight else []
+    for c, what in named:
         if not isinstance(types[c], _NUMERIC_TYPES):
-            raise DataError(f"numeric feature {c!r} has Spark type {types[c].simpleString()}")
-    if not isinstance(types[spec.label], (T.IntegralType, T.BooleanType)):
+            raise DataError(f"{what} {c!r} has Spark type {types[c].simpleString()}")
+    for a in spec.arrays:
+        t = types[a.name]
+        ok = _is_vector(t) or (
+            isinstance(t, T.ArrayType) and isinstance(t.elementType, _NUMERIC_TYPES)
+        )
+        if not ok:
+            raise DataError(
+                f"array feature {a.name!r} has Spark type {t.simpleString()}; it needs an array "
+                "of numbers or a Spark ML vector"
+            )
+    for text in spec.text:
+        if not isinstance(types[text.name], T.StringType):
+            raise DataError(
+                f"text feature {text.name!r} has Spark type {types[text.name].simpleString()}"
+            )
+    if spec.label is None:
+        return
+    label_type = types[spec.label]
+    if spec.task == "classification" and not isinstance(
+        label_type, (T.IntegralType, T.BooleanType)
+    ):
         raise DataError(
-            f"label {spec.label!r} has Spark type {types[spec.label].simpleString()}; "
+            f"label {spec.label!r} has Spark type {label_type.simpleString()}; "
             "a classification label must be an integer class index"
+        )
+    if spec.task == "regression" and not isinstance(label_type, _NUMERIC_TYPES):
+        raise DataError(
+            f"label {spec.label!r} has Spark type {label_type.simpleString()}; a regression "
+            "target must be a number"
         )
 
 
@@ -172,24 +224,53 @@ def _bad_value(column: str) -> Column:
     return value.isNull() | F.isnan(value) | (F.abs(value) == float("inf"))
 
 
+def _bad_array(column: str) -> Column:
+    values = F.col(column)
+    return values.isNull() | F.exists(
+        values, lambda x: x.isNull() | F.isnan(x.cast("double")) | (F.abs(x) == float("inf"))
+    )
+
+
+def _bad_columns(spec: FeatureSpecConfig) -> dict[str, Column]:
+    """Per column, the rows it makes unusable: null/NaN/inf numbers, null labels and weights,
+    arrays that are null or hold a null/NaN/inf (text may be null: it has no tokens)."""
+    bad = {c: _bad_value(c) for c in spec.numeric}
+    if spec.label is not None:
+        bad[spec.label] = (
+            _bad_value(spec.label) if spec.task == "regression" else F.col(spec.label).isNull()
+        )
+    if spec.weight is not None:
+        bad[spec.weight] = _bad_value(spec.weight) | (F.col(spec.weight) < 0)
+    for a in spec.arrays:
+        bad[a.name] = _bad_array(a.name)
+    return bad
+
+
 def _bad_row(spec: FeatureSpecConfig) -> Column:
-    bad = F.col(spec.label).isNull()
-    for c in spec.numeric:
-        bad = bad | _bad_value(c)
+    bad = F.lit(False)
+    for column in _bad_columns(spec).values():
+        bad = bad | column
     return bad
 
 
 def _statistics(df: DataFrame, spec: FeatureSpecConfig) -> dict[str, int | None]:
-    """Row count, label range and bad values per column, in one pass."""
+    """Row count, label range, array lengths and bad values per column, in one pass."""
     aggs = [
         F.count(F.lit(1)).alias("rows"),
         F.sum(_bad_row(spec).cast("long")).alias("bad_rows"),
-        F.min(spec.label).cast("long").alias("label_min"),
-        F.max(spec.label).cast("long").alias("label_max"),
-        F.sum(F.col(spec.label).isNull().cast("long")).alias(f"bad:{spec.label}"),
     ]
-    for c in spec.numeric:
-        aggs.append(F.sum(_bad_value(c).cast("long")).alias(f"bad:{c}"))
+    if spec.task == "classification" and spec.label is not None:
+        aggs += [
+            F.min(spec.label).cast("long").alias("label_min"),
+            F.max(spec.label).cast("long").alias("label_max"),
+        ]
+    for column, bad in _bad_columns(spec).items():
+        aggs.append(F.sum(bad.cast("long")).alias(f"bad:{column}"))
+    for a in spec.arrays:
+        aggs += [
+            F.min(F.size(a.name)).alias(f"len_min:{a.name}"),
+            F.max(F.size(a.name)).alias(f"len_max:{a.name}"),
+        ]
     row = df.agg(*aggs).first()
     assert row is not None
     return row.asDict()
@@ -225,7 +306,8 @@ def build_features(
     keep: tuple[str, ...] = (),
     quality: dict[str, int] | None = None,
 ) -> tuple[DataFrame, FeatureSpec, int]:
-    """Validate the columns, index categoricals, and select ``numeric…, categorical…, label``.
+    """Validate the columns, clean, standardise, index categoricals, tokenise text, and select
+    ``numeric…, categorical…, arrays…, texts…, label, weight``.
 
     ``keep``: more columns carried along as they are (a shard key that is not a feature).
     ``quality``: when given, receives the bad values per column and the rows dropped or filled
@@ -237,6 +319,12 @@ def build_features(
         raise DataError(
             f"shards.key {absent[0]!r} is not a column of the data (columns: {sorted(df.columns)})"
         )
+    types = {f.name: f.dataType for f in df.schema.fields}
+    for a in spec.arrays:  # Spark ML vectors become plain arrays
+        if _is_vector(types[a.name]):
+            from pyspark.ml.functions import vector_to_array
+
+            df = df.withColumn(a.name, vector_to_array(F.col(a.name)))
     stats = _statistics(df, spec)
     rows = int(stats["rows"] or 0)
     if rows == 0:
@@ -248,58 +336,151 @@ def build_features(
         quality["rows_dropped"] = bad_rows if bad and spec.nulls == "drop" else 0
         quality["rows_filled"] = bad_rows if bad and spec.nulls == "fill" else 0
     if bad:
-        listed = ", ".join(f"{c!r}: {n} rows" for c, n in bad.items())
-        if spec.nulls == "fail":
+        df, rows = _clean(df, spec, bad, bad_rows, rows)
+    num_classes = None
+    if spec.task == "classification":
+        label_min, label_max = int(stats["label_min"] or 0), int(stats["label_max"] or 0)
+        num_classes = spec.num_classes or max(label_max + 1, 2)
+        if label_min < 0 or label_max >= num_classes:
             raise DataError(
-                f"null, NaN or infinite values in {listed} "
-                "(features.nulls: drop or fill to train anyway)"
+                f"label {spec.label!r} has values in [{label_min}, {label_max}], "
+                f"outside [0, {num_classes}) for num_classes={num_classes}"
             )
-        if spec.nulls == "fill" and bad.get(spec.label):
-            raise DataError(
-                f"label {spec.label!r} is null in {bad[spec.label]} rows; a label cannot be "
-                "filled (features.nulls: drop removes those rows)"
-            )
-        if spec.nulls == "drop":
-            df = df.where(~_bad_row(spec))
-            rows -= bad_rows
-            log.warning("dropped %d rows with null, NaN or infinite values (%s)", bad_rows, listed)
-            if rows == 0:
-                raise DataError(f"no rows left after dropping the bad values ({listed})")
-        else:
-            for c in spec.numeric:
-                if bad.get(c):
-                    df = df.withColumn(
-                        c, F.when(_bad_value(c), F.lit(spec.fill_value)).otherwise(F.col(c))
-                    )
-            log.warning("filled %s with %s", listed, spec.fill_value)
-    label_min, label_max = int(stats["label_min"] or 0), int(stats["label_max"] or 0)
-    num_classes = spec.num_classes or max(label_max + 1, 2)
-    if label_min < 0 or label_max >= num_classes:
-        raise DataError(
-            f"label {spec.label!r} has values in [{label_min}, {label_max}], "
-            f"outside [0, {num_classes}) for num_classes={num_classes}"
-        )
+    arrays = [_array_feature(a, stats) for a in spec.arrays]
     standardize = _standardization(df, spec.numeric) if spec.standardize else {}
     categorical = []
     for c in spec.categorical:
         vocabulary = _vocabulary(df, c, spec.max_categories)
         categorical.append(CategoricalFeature(name=c, vocabulary=vocabulary))
         df = _index_column(df, c, vocabulary)
+    texts = []
+    for t in spec.text:
+        feature = TextFeature(
+            name=t.name,
+            vocabulary=_words(df, t.name, t.max_vocabulary, t.min_count),
+            max_length=t.max_length,
+        )
+        texts.append(feature)
+        df = df.withColumn(t.name, _token_ids(F.col(t.name), feature))
+    used = {*spec.numeric, *spec.categorical, *(a.name for a in arrays), *(t.name for t in texts)}
+    label: list[Column] = []
+    if spec.label is not None:
+        label_type = "double" if spec.task == "regression" else "long"
+        label = [F.col(spec.label).cast(label_type).alias(spec.label)]
+        used.add(spec.label)
+    weight = [F.col(spec.weight).cast("float").alias(spec.weight)] if spec.weight else []
+    used.update([spec.weight] if spec.weight else [])
     out = df.select(
         *[_numeric(c, standardize.get(c)) for c in spec.numeric],
         *[F.col(c).cast("long").alias(c) for c in spec.categorical],
-        F.col(spec.label).cast("long").alias(spec.label),
-        *[F.col(c) for c in keep if c not in (*spec.numeric, *spec.categorical, spec.label)],
+        *[F.col(a.name).cast("array<float>").alias(a.name) for a in arrays],
+        *[F.col(t.name) for t in texts],
+        *label,
+        *weight,
+        *[F.col(c) for c in keep if c not in used],
     )
     feature_spec = FeatureSpec(
         numeric=list(spec.numeric),
         categorical=categorical,
         label=spec.label,
         num_classes=num_classes,
+        task=spec.task,
+        arrays=arrays,
+        texts=texts,
+        weight=spec.weight,
         standardize=standardize,
         fill_value=spec.fill_value,
     )
     return out, feature_spec, rows
+
+
+def _clean(
+    df: DataFrame, spec: FeatureSpecConfig, bad: dict[str, int], bad_rows: int, rows: int
+) -> tuple[DataFrame, int]:
+    """Apply ``features.nulls`` to the bad values found: fail, drop the rows, or fill numbers."""
+    listed = ", ".join(f"{c!r}: {n} rows" for c, n in bad.items())
+    if spec.nulls == "fail":
+        raise DataError(
+            f"null, NaN or infinite values in {listed} "
+            "(features.nulls: drop or fill to train anyway)"
+        )
+    if spec.nulls == "fill":
+        unfillable = [c for c in bad if c not in spec.numeric]
+        if spec.label in unfillable:
+            raise DataError(
+                f"label {spec.label!r} is null in {bad[spec.label]} rows; a label cannot be "
+                "filled (features.nulls: drop removes those rows)"
+            )
+        if unfillable:
+            raise DataError(
+                f"{unfillable} have null, NaN, infinite (or negative weight) values in "
+                f"{[bad[c] for c in unfillable]} rows; only numeric features are filled "
+                "(features.nulls: drop removes those rows)"
+            )
+        for c in spec.numeric:
+            if bad.get(c):
+                df = df.withColumn(
+                    c, F.when(_bad_value(c), F.lit(spec.fill_value)).otherwise(F.col(c))
+                )
+        log.warning("filled %s with %s", listed, spec.fill_value)
+        return df, rows
+    df = df.where(~_bad_row(spec))
+    rows -= bad_rows
+    log.warning("dropped %d rows with null, NaN or infinite values (%s)", bad_rows, listed)
+    if rows == 0:
+        raise DataError(f"no rows left after dropping the bad values ({listed})")
+    return df, rows
+
+
+def _array_feature(cfg: ArrayConfig, stats: dict[str, int | None]) -> ArrayFeature:
+    """The array's per-row shape: every row must have the same number of values."""
+    low, high = stats[f"len_min:{cfg.name}"], stats[f"len_max:{cfg.name}"]
+    if low is None or high is None or low != high:
+        raise DataError(
+            f"array feature {cfg.name!r} has rows of {low}..{high} values; every row needs the "
+            "same length (pad or cut it in the transform)"
+        )
+    shape = list(cfg.shape) if cfg.shape else [int(low)]
+    if prod(shape) != low:
+        raise DataError(
+            f"array feature {cfg.name!r}: shape {shape} holds {prod(shape)} values, rows have {low}"
+        )
+    return ArrayFeature(name=cfg.name, shape=shape)
+
+
+def _tokens(text: Column) -> Column:
+    """Lower case, split on anything but letters and digits (as :mod:`lepton_spark.serving`)."""
+    return F.filter(F.split(F.lower(F.coalesce(text, F.lit(""))), TOKEN_SPLIT), lambda t: t != "")
+
+
+def _words(df: DataFrame, column: str, limit: int, min_count: int) -> list[str]:
+    """The text column's most frequent words (ties by word), seen at least ``min_count`` times."""
+    rows = (
+        df.select(F.explode(_tokens(F.col(column))).alias("w"))
+        .groupBy("w")
+        .count()
+        .where(F.col("count") >= min_count)
+        .orderBy(F.desc("count"), F.asc("w"))
+        .limit(limit)
+        .collect()
+    )
+    return [r["w"] for r in rows]
+
+
+def _token_ids(text: Column, feature: TextFeature) -> Column:
+    """Token ids, padded with 0 or cut to ``max_length``; unknown words are 1."""
+    ids = {w: i + FIRST_WORD for i, w in enumerate(feature.vocabulary)}
+    lookup = F.create_map(*[F.lit(x) for pair in ids.items() for x in pair]) if ids else None
+    tokens = F.slice(_tokens(text), 1, feature.max_length)
+    if lookup is None:
+        mapped = F.transform(tokens, lambda _: F.lit(UNKNOWN_TOKEN).cast("long"))
+    else:
+        mapped = F.transform(
+            tokens,
+            lambda t: F.coalesce(F.try_element_at(lookup, t), F.lit(UNKNOWN_TOKEN)).cast("long"),
+        )
+    padding = F.array_repeat(F.lit(PAD_TOKEN).cast("long"), feature.max_length - F.size(mapped))
+    return F.concat(mapped, padding)
 
 
 def _standardization(df: DataFrame, columns: list[str]) -> dict[str, Standardization]:

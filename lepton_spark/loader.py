@@ -21,6 +21,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +29,15 @@ import pyarrow as pa
 import torch
 
 from lepton_spark.manifest import ShardInfo, verify_shard
-from lepton_spark.spec import CATEGORICAL_COLUMN, LABEL_COLUMN, NUMERIC_COLUMN
+from lepton_spark.spec import (
+    ARRAY_PREFIX,
+    CATEGORICAL_COLUMN,
+    LABEL_COLUMN,
+    NUMERIC_COLUMN,
+    TEXT_PREFIX,
+    WEIGHT_COLUMN,
+    FeatureSpec,
+)
 from lepton_spark.storage import Location, locate
 
 # Tensors over read-only mapped memory are never written to; torch warns about it once per array.
@@ -39,7 +48,9 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 class Batch:
     numeric: torch.Tensor  # [rows, n_numeric] float32 (n_numeric may be 0)
     categorical: torch.Tensor  # [rows, n_categorical] int64 (n_categorical may be 0)
-    label: torch.Tensor  # [rows] int64
+    label: torch.Tensor  # [rows] int64 classes, or float32 regression targets
+    weight: torch.Tensor | None = None  # [rows] float32 sample weights, when the spec has them
+    extras: tuple[torch.Tensor, ...] = ()  # array features [rows, length], then text [rows, L]
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -48,37 +59,87 @@ class Batch:
         """On ``device``, copied from pinned memory without blocking."""
         if device.type == "cpu":
             return self
-        return Batch(*(t.to(device, non_blocking=True) for t in self.pinned().tensors()))
+        return self.pinned().map(lambda t: t.to(device, non_blocking=True))
 
     def pinned(self) -> Batch:
         if self.label.is_pinned():
             return self
-        return Batch(*(t.pin_memory() for t in self.tensors()))
+        return self.map(lambda t: t.pin_memory())
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.numeric, self.categorical, self.label
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        weight = () if self.weight is None else (self.weight,)
+        return (self.numeric, self.categorical, self.label, *weight, *self.extras)
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> Batch:
+        """A batch of this one's structure from ``tensors`` in :meth:`tensors` order."""
+        numeric, categorical, label, *rest = tensors
+        weight = rest.pop(0) if self.weight is not None else None
+        return Batch(numeric, categorical, label, weight, tuple(rest))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        return self.rebuild([fn(t) for t in self.tensors()])
 
 
-def _matrix(batch: pa.RecordBatch, column: str, dtype: torch.dtype, width: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class Layout:
+    """Which columns a shard has and how a batch becomes the model's inputs."""
+
+    n_numeric: int
+    n_categorical: int
+    weight: bool = False
+    arrays: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (name, per-row shape)
+    texts: tuple[tuple[str, int], ...] = ()  # (name, max_length)
+
+    @classmethod
+    def of(cls, spec: FeatureSpec) -> Layout:
+        return cls(
+            n_numeric=len(spec.numeric),
+            n_categorical=len(spec.categorical),
+            weight=spec.weight is not None,
+            arrays=tuple((a.name, tuple(a.shape)) for a in spec.arrays),
+            texts=tuple((t.name, t.max_length) for t in spec.texts),
+        )
+
+    def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The dict a model's ``forward`` takes (see :mod:`lepton_spark.spec`)."""
+        out = {"numeric": batch.numeric, "categorical": batch.categorical}
+        extras = iter(batch.extras)
+        for name, shape in self.arrays:
+            tensor = next(extras)
+            out[name] = tensor.reshape(len(tensor), *shape)
+        for name, _ in self.texts:
+            out[name] = next(extras)
+        return out
+
+
+def _matrix(batch: pa.RecordBatch, column: str, width: int) -> torch.Tensor:
     rows = batch.num_rows
     if width == 0:
-        return torch.empty((rows, 0), dtype=dtype)
+        return torch.empty((rows, 0), dtype=torch.float32)
     flat = batch.column(column).flatten().to_numpy(zero_copy_only=True)
     return torch.from_numpy(flat.reshape(rows, width))
 
 
-def _to_batch(rb: pa.RecordBatch, n_numeric: int, n_categorical: int) -> Batch:
+def _to_batch(rb: pa.RecordBatch, layout: Layout) -> Batch:
+    categorical = _matrix(rb, CATEGORICAL_COLUMN, layout.n_categorical)
+    extras = [_matrix(rb, ARRAY_PREFIX + name, prod(shape)) for name, shape in layout.arrays] + [
+        _matrix(rb, TEXT_PREFIX + name, length) for name, length in layout.texts
+    ]
+    weight = None
+    if layout.weight:
+        weight = torch.from_numpy(rb.column(WEIGHT_COLUMN).to_numpy(zero_copy_only=True))
     return Batch(
-        numeric=_matrix(rb, NUMERIC_COLUMN, torch.float32, n_numeric),
-        categorical=_matrix(rb, CATEGORICAL_COLUMN, torch.int64, n_categorical),
+        numeric=_matrix(rb, NUMERIC_COLUMN, layout.n_numeric),
+        categorical=categorical if layout.n_categorical else categorical.long(),
         label=torch.from_numpy(rb.column(LABEL_COLUMN).to_numpy(zero_copy_only=True)),
+        weight=weight,
+        extras=tuple(extras),
     )
 
 
 def record_batches(
     place: str | Path | Location,
-    n_numeric: int,
-    n_categorical: int,
+    layout: Layout,
     shuffle: torch.Generator | None = None,
 ) -> Iterator[Batch]:
     """One :class:`Batch` per record batch of a shard (in a random order drawn from ``shuffle``).
@@ -91,21 +152,22 @@ def record_batches(
         count = reader.num_record_batches
         order = range(count) if shuffle is None else _permutation(count, shuffle)
         for i in order:
-            yield _to_batch(reader.get_batch(i), n_numeric, n_categorical)
+            yield _to_batch(reader.get_batch(i), layout)
 
 
 def _concat(parts: list[Batch]) -> Batch:
     if len(parts) == 1:
         return parts[0]
-    return Batch(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts), strict=True)))
+    columns = zip(*(p.tensors() for p in parts), strict=True)
+    return parts[0].rebuild([torch.cat(ts) for ts in columns])
 
 
 def _take(batch: Batch, index: torch.Tensor) -> Batch:
-    return Batch(*(t.index_select(0, index) for t in batch.tensors()))
+    return batch.map(lambda t: t.index_select(0, index))
 
 
 def _slice(batch: Batch, start: int, stop: int) -> Batch:
-    return Batch(*(t[start:stop] for t in batch.tensors()))
+    return batch.map(lambda t: t[start:stop])
 
 
 Tail = Literal["drop", "pad"]
@@ -127,8 +189,7 @@ class ShardLoader:
         folder: str | Path | Location,
         shards: Sequence[ShardInfo],
         *,
-        n_numeric: int,
-        n_categorical: int,
+        layout: Layout,
         batch_size: int,
         steps: int | None = None,
         shuffle: bool = False,
@@ -153,8 +214,7 @@ class ShardLoader:
         self.rows = sum(s.rows for s in shards)
         if tail == "pad" and steps and not self.rows:
             raise ValueError(f"tail='pad' cannot make {steps} batches from no rows")
-        self.n_numeric = n_numeric
-        self.n_categorical = n_categorical
+        self.layout = layout
         self.batch_size = batch_size
         self.steps = steps
         self.shuffle = shuffle
@@ -228,13 +288,13 @@ class ShardLoader:
 
     def _in_order(self) -> Iterator[Batch]:
         for place in self.places:
-            yield from record_batches(place, self.n_numeric, self.n_categorical)
+            yield from record_batches(place, self.layout)
 
     def _one_pass(self, generator: torch.Generator) -> Iterator[Batch]:
         pool: list[Batch] = []
         pool_rows = 0
         for i in _permutation(len(self.places), generator):
-            parts = record_batches(self.places[i], self.n_numeric, self.n_categorical, generator)
+            parts = record_batches(self.places[i], self.layout, generator)
             for part in parts:
                 pool.append(part)
                 pool_rows += len(part)

@@ -78,6 +78,7 @@ class PipelineResult:
     outcome: Literal["trained", "resumed", "already_finished"] = "trained"
     run_key: str | None = None
     registered_version: str | None = None  # with tracking.registered_model: alias "candidate"
+    baseline: dict[str, float] = field(default_factory=dict)  # baseline.mllib: its mllib_* metrics
 
 
 @contextmanager
@@ -182,7 +183,17 @@ def train_with_retries(
 
 
 RUN_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
-FINAL_METRICS = ("train_loss", "val_loss", "val_accuracy", "samples_per_second", "epoch_seconds")
+FINAL_METRICS = (
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_mse",
+    "val_mae",
+    "val_r2",
+    "train_cost",
+    "samples_per_second",
+    "epoch_seconds",
+)
 
 
 def environment_tags() -> dict[str, str]:
@@ -285,10 +296,19 @@ def skew_warnings(cfg: PipelineConfig, reports: dict[str, SkewReport]) -> list[s
 
 def raw_example(spark: SparkSession, cfg: PipelineConfig, rows: int = 5) -> pd.DataFrame:
     """A few rows of the transform's output, the model's input columns as the user has them."""
+    from pyspark.sql import functions as F
+
     from lepton_spark.etl import load_and_transform
 
-    columns = [*cfg.features.numeric, *cfg.features.categorical]
-    return load_and_transform(spark, cfg).select(*columns).limit(rows).toPandas()
+    f = cfg.features
+    columns = [*f.numeric, *f.categorical, *(a.name for a in f.arrays), *(t.name for t in f.text)]
+    df = load_and_transform(spark, cfg).select(*columns).limit(rows)
+    for a in f.arrays:  # Spark ML vectors as plain lists, as a pandas user would pass them
+        if df.schema[a.name].dataType.typeName() == "vector":
+            from pyspark.ml.functions import vector_to_array
+
+            df = df.withColumn(a.name, vector_to_array(F.col(a.name)))
+    return df.toPandas()
 
 
 def trained_network(cfg: PipelineConfig, spec: FeatureSpec, result: TrainResult) -> torch.nn.Module:
@@ -497,8 +517,8 @@ def run_pipeline(
         if attempts > 1:
             warnings.append(f"training needed {attempts} attempts; it resumed from checkpoints")
         chief = results[0]
-        log_pictures(run, chief)
         network = trained_network(cfg, manifest.feature_spec, chief)
+        log_pictures(run, chief, network, shard_set)
         example = raw_example(spark, cfg)
         with _timed(timings, "model_logging"):
             model_uri = serving.log_model(
@@ -515,8 +535,12 @@ def run_pipeline(
             with _timed(timings, "compression"):
                 log_compressed(run, cfg, shard_set, network, example, version)
         run.log_json(chief.history, "history.json")
-        run.log_metrics({f"time_{k}_s": v for k, v in timings.items()}, step=0)
         final = {k: v for k, v in chief.history[-1].items() if k != "epoch"}
+        baseline: dict[str, float] = {}
+        if cfg.baseline.mllib:
+            with _timed(timings, "baseline"):
+                baseline = mllib_baseline(spark, cfg, manifest, run)
+        run.log_metrics({f"time_{k}_s": v for k, v in timings.items()}, step=0)
         keep_checkpoint(run, checkpoints)
         return PipelineResult(
             run_id=run.run_id,
@@ -534,19 +558,18 @@ def run_pipeline(
             outcome="resumed" if resume else "trained",
             run_key=run_key,
             registered_version=version,
+            baseline=baseline,
         )
 
 
-def validation_batches(shard_set: ShardSet) -> Iterator[tuple[np.ndarray, ...]]:
-    """The validation split as ``(numeric, categorical, label)`` numpy batches (on the driver)."""
-    from lepton_spark.loader import record_batches
+def validation_batches(shard_set: ShardSet) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
+    """The validation split as ``(model inputs, labels)`` batches (on the driver)."""
+    from lepton_spark.loader import Layout, record_batches
 
-    spec = shard_set.manifest.feature_spec
+    layout = Layout.of(shard_set.manifest.feature_spec)
     for shard in shard_set.manifest.split("validation").shards:
-        for batch in record_batches(
-            locate(shard_set.folder).child(shard.path), len(spec.numeric), len(spec.categorical)
-        ):
-            yield batch.numeric.numpy(), batch.categorical.numpy(), batch.label.numpy()
+        for batch in record_batches(locate(shard_set.folder).child(shard.path), layout):
+            yield layout.inputs(batch), batch.label.numpy()
 
 
 def log_compressed(
@@ -595,8 +618,11 @@ def log_compressed(
     run.set_tags(tags)
 
 
-def log_pictures(run: TrackedRun, result: TrainResult) -> None:
-    """Learning curves (with the per-step loss read back from MLflow) and the confusion matrix."""
+def log_pictures(
+    run: TrackedRun, result: TrainResult, network: torch.nn.Module, shard_set: ShardSet
+) -> None:
+    """Learning curves (with the per-step loss read back from MLflow), and the confusion matrix
+    (classification) or the residual plot (regression, from the validation split on the driver)."""
     run.flush()
     step_loss = sorted(
         (m.step, m.value) for m in run.client.get_metric_history(run.run_id, "train_loss_step")
@@ -608,6 +634,73 @@ def log_pictures(run: TrackedRun, result: TrainResult) -> None:
     if result.confusion is not None:
         run.log_json(result.confusion, "confusion_matrix.json")
         run.log_image(plots.confusion_matrix(result.confusion), "plots/confusion_matrix.png")
+    if shard_set.manifest.feature_spec.task == "regression":
+        predicted, actual = [], []
+        with torch.inference_mode():
+            for inputs, labels in validation_batches(shard_set):
+                predicted.append(network(inputs)[:, 0].float().numpy())
+                actual.append(labels)
+        run.log_image(
+            plots.residuals(np.concatenate(predicted), np.concatenate(actual)),
+            "plots/residuals.png",
+        )
+
+
+def mllib_baseline(
+    spark: SparkSession, cfg: PipelineConfig, manifest: Manifest, run: TrackedRun
+) -> dict[str, float]:
+    """Spark MLlib on the same split (ETL again: the split is seeded), logged as ``mllib_*``:
+    logistic regression, linear regression or k-means by the task."""
+    from lepton_spark import baselines
+
+    prepared = prepare(spark, cfg)
+    try:
+        spec = prepared.feature_spec
+        if prepared.rows != sum(s.rows for s in manifest.splits.values()):
+            log.warning("the baseline's rows differ from the shards' (the source changed?)")
+        categorical = {c.name: c.cardinality for c in spec.categorical}
+        if spec.task == "classification":
+            assert spec.label is not None and spec.num_classes is not None
+            result = baselines.logistic_regression(
+                prepared.train,
+                prepared.validation,
+                numeric=spec.numeric,
+                categorical=categorical,
+                label=spec.label,
+                num_classes=spec.num_classes,
+                max_iter=cfg.baseline.max_iter,
+            )
+        elif spec.task == "regression":
+            assert spec.label is not None
+            result = baselines.linear_regression(
+                prepared.train,
+                prepared.validation,
+                numeric=spec.numeric,
+                categorical=categorical,
+                label=spec.label,
+                max_iter=cfg.baseline.max_iter,
+            )
+        else:
+            result = baselines.kmeans(
+                prepared.train,
+                features=spec.numeric,
+                k=int(cfg.model.options.get("k", 8)),
+                seed=cfg.train.seed,
+                max_iter=cfg.baseline.max_iter,
+            )
+    finally:
+        prepared.release()
+    metrics = {f"mllib_{k}": float(v) for k, v in result.metrics.items()}
+    metrics["mllib_train_seconds"] = result.train_seconds
+    run.log_metrics(metrics, step=0)
+    run.set_tags({"baseline": result.name})
+    log.info(
+        "Spark MLlib %s: %s (fit %.1f s)",
+        result.name,
+        ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()),
+        result.train_seconds,
+    )
+    return metrics
 
 
 def keep_checkpoint(run: TrackedRun, folder: Location) -> None:

@@ -24,38 +24,78 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
+_LOSSES = {
+    "train_loss": ("o-", "train loss (epoch mean)"),
+    "val_loss": ("s-", "validation loss"),
+    "train_cost": ("o-", "k-means cost (Σ squared distance)"),
+}
+_SCORES = {
+    "val_accuracy": "Validation accuracy",
+    "val_r2": "Validation R²",
+    "centroid_shift": "Largest centroid move (relative)",
+}
+
+
 def learning_curves(
     history: Sequence[dict[str, float]],
     step_loss: Sequence[tuple[int, float]] = (),
     steps_per_epoch: int | None = None,
 ) -> bytes:
-    """Loss (per-step train loss, per-epoch train and validation loss) and validation accuracy.
+    """Loss (per-step train loss, per-epoch train and validation loss, or the k-means cost) and
+    the task's score per epoch (accuracy, R², or how far the centroids still move).
 
     ``step_loss``: ``(global step, loss)`` pairs; with ``steps_per_epoch`` the epoch metrics are
     drawn at their last step, on the same axis.
     """
-    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(11, 4))
     epochs = [int(h["epoch"]) for h in history]
-    at = [e * steps_per_epoch for e in epochs] if steps_per_epoch else epochs
-    unit = "step" if steps_per_epoch else "epoch"
-    if step_loss and steps_per_epoch:
+    stepped = bool(step_loss) and bool(steps_per_epoch)
+    at = [e * steps_per_epoch for e in epochs] if stepped and steps_per_epoch else epochs
+    if stepped:
         steps, losses = zip(*step_loss, strict=True)
         loss_ax.plot(steps, losses, color="0.7", linewidth=1, label="train loss (rank 0, window)")
-    loss_ax.plot(at, [h["train_loss"] for h in history], "o-", label="train loss (epoch mean)")
-    loss_ax.plot(at, [h["val_loss"] for h in history], "s-", label="validation loss")
-    loss_ax.set_xlabel(unit)
-    loss_ax.set_ylabel("cross-entropy")
+    for key, (style, label) in _LOSSES.items():
+        if history and key in history[0]:
+            loss_ax.plot(at, [h[key] for h in history], style, label=label)
+    loss_ax.set_xlabel("step" if stepped else "epoch")
     loss_ax.set_title("Loss")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend()
-    acc_ax.plot(epochs, [h["val_accuracy"] for h in history], "o-", color="tab:green")
-    for e, a in zip(epochs, (h["val_accuracy"] for h in history), strict=True):
-        acc_ax.annotate(f"{a:.4f}", (e, a), textcoords="offset points", xytext=(0, 6), ha="center")
-    acc_ax.set_xlabel("epoch")
-    acc_ax.set_ylabel("accuracy")
-    acc_ax.set_title("Validation accuracy")
-    acc_ax.set_xticks(epochs)
-    acc_ax.grid(alpha=0.3)
+    score = next((k for k in _SCORES if history and k in history[0]), None)
+    if score is not None:
+        values = [h[score] for h in history]
+        score_ax.plot(epochs, values, "o-", color="tab:green")
+        for e, v in zip(epochs, values, strict=True):
+            score_ax.annotate(
+                f"{v:.4f}", (e, v), textcoords="offset points", xytext=(0, 6), ha="center"
+            )
+        score_ax.set_title(_SCORES[score])
+    score_ax.set_xlabel("epoch" if score != "centroid_shift" else "iteration")
+    score_ax.set_xticks(epochs if len(epochs) <= 20 else epochs[:: max(len(epochs) // 10, 1)])
+    score_ax.grid(alpha=0.3)
+    return _png(figure)
+
+
+def residuals(predicted: np.ndarray, actual: np.ndarray, max_points: int = 5_000) -> bytes:
+    """Predicted against actual (a sample of rows) and the distribution of the residuals."""
+    predicted, actual = np.asarray(predicted, float), np.asarray(actual, float)
+    figure, (scatter_ax, hist_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    pick = np.random.default_rng(0).permutation(len(actual))[:max_points]
+    scatter_ax.scatter(actual[pick], predicted[pick], s=4, alpha=0.35)
+    low, high = float(np.min(actual)), float(np.max(actual))
+    scatter_ax.plot([low, high], [low, high], color="tab:red", linewidth=1, label="perfect")
+    scatter_ax.set_xlabel("actual")
+    scatter_ax.set_ylabel("predicted")
+    scatter_ax.set_title(f"Validation: predicted vs actual ({len(pick):,} of {len(actual):,} rows)")
+    scatter_ax.legend()
+    scatter_ax.grid(alpha=0.3)
+    error = predicted - actual
+    hist_ax.hist(error, bins=60, color="tab:blue", alpha=0.8)
+    hist_ax.axvline(0.0, color="tab:red", linewidth=1)
+    rmse, mae = float(np.sqrt(np.mean(error**2))), float(np.mean(np.abs(error)))
+    hist_ax.set_title(f"Residuals (predicted − actual): RMSE {rmse:.4f}, MAE {mae:.4f}")
+    hist_ax.set_xlabel("residual")
+    hist_ax.grid(alpha=0.3)
     return _png(figure)
 
 

@@ -29,7 +29,7 @@ from pyspark.sql import types as T
 from pyspark.sql.utils import AnalysisException
 
 from lepton_spark.errors import InputError
-from lepton_spark.serving import PREDICTION, PROBABILITIES, Scorer, load_scorer
+from lepton_spark.serving import Scorer, load_scorer, output_columns
 from lepton_spark.spec import FeatureSpec
 from lepton_spark.storage import Location, locate
 
@@ -115,15 +115,17 @@ def _download(model_uri: str, folder: Path) -> Path:
     return local
 
 
-def output_schema(df: DataFrame, keys: list[str]) -> T.StructType:
-    fields = [df.schema[k] for k in keys]
-    return T.StructType(
-        [
-            *fields,
-            T.StructField(PREDICTION, T.LongType(), False),
-            T.StructField(PROBABILITIES, T.ArrayType(T.FloatType(), False), False),
-        ]
-    )
+_SPARK_TYPES = {
+    "bigint": T.LongType(),
+    "double": T.DoubleType(),
+    "array<float>": T.ArrayType(T.FloatType(), False),
+}
+
+
+def output_schema(df: DataFrame, keys: list[str], spec: FeatureSpec) -> T.StructType:
+    """The key columns as the input has them, then the model's prediction columns."""
+    predicted = [T.StructField(n, _SPARK_TYPES[t], False) for n, t in output_columns(spec)]
+    return T.StructType([*(df.schema[k] for k in keys), *predicted])
 
 
 def score(
@@ -164,7 +166,7 @@ def score(
         unknown = [k for k in keys if k not in df.columns]
         if unknown:
             raise ScoringError(f"--key {unknown} not in the input (columns: {df.columns})")
-        clash = [k for k in keys if k in (PREDICTION, PROBABILITIES)]
+        clash = [k for k in keys if k in dict(output_columns(spec))]
         if clash:
             raise ScoringError(f"input column(s) {clash} would clash with the output's columns")
         # A name of its own per call: Spark refuses a second file of the same name, and the
@@ -213,7 +215,7 @@ def _run(
     selected = df.select(*keys, *features)
     if partitions:
         selected = selected.repartition(partitions)
-    scored = selected.mapInArrow(score_batches, output_schema(df, keys))
+    scored = selected.mapInArrow(score_batches, output_schema(df, keys, spec))
     staging = _staging(destination)
     started = time.perf_counter()
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -32,10 +33,18 @@ import pyarrow.compute as pc
 import torch
 from mlflow.pyfunc import PythonModel
 
-from lepton_spark.spec import UNKNOWN_INDEX, FeatureSpec
+from lepton_spark.spec import (
+    FIRST_WORD,
+    PAD_TOKEN,
+    TOKEN_SPLIT,
+    UNKNOWN_INDEX,
+    UNKNOWN_TOKEN,
+    FeatureSpec,
+)
 
 PREDICTION = "prediction"
 PROBABILITIES = "probabilities"
+DISTANCES = "distances"
 SPEC_ARTIFACT = "feature_spec"
 NETWORK_ARTIFACT = "network"
 
@@ -43,16 +52,19 @@ Columnar = pa.Table | pa.RecordBatch
 
 
 class Preprocessor:
-    """Raw columns → ``(numeric float32 [rows, n], categorical int64 [rows, c])``, as in ETL."""
+    """Raw columns → the model's input arrays (:mod:`lepton_spark.spec`), as ETL prepares them."""
 
     def __init__(self, spec: FeatureSpec) -> None:
         self.spec = spec
         self._vocabularies = [pa.array(c.vocabulary, pa.string()) for c in spec.categorical]
+        self._word_ids = [
+            {w: i + FIRST_WORD for i, w in enumerate(t.vocabulary)} for t in spec.texts
+        ]
 
     def missing_columns(self, columns: list[str]) -> list[str]:
         return [c for c in self.spec.input_columns if c not in columns]
 
-    def __call__(self, data: Columnar) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, data: Columnar) -> dict[str, np.ndarray]:
         spec = self.spec
         missing = self.missing_columns(data.schema.names)
         if missing:
@@ -83,46 +95,110 @@ class Preprocessor:
             categorical[:, i] = (
                 pc.fill_null(index, UNKNOWN_INDEX - 1).to_numpy(zero_copy_only=False) + 1
             )
-        return numeric, categorical
+        out = {"numeric": numeric, "categorical": categorical}
+        for a in spec.arrays:
+            out[a.name] = _fixed_array(data.column(a.name), a.name, a.length).reshape(
+                rows, *a.shape
+            )
+        for t, ids in zip(spec.texts, self._word_ids, strict=True):
+            out[t.name] = token_ids(data.column(t.name).to_pylist(), ids, t.max_length)
+        return out
+
+
+def _fixed_array(column: Any, name: str, length: int) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        raise ValueError(f"array column {name!r} has {column.null_count} null rows")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths.min() != length or lengths.max() != length):
+        raise ValueError(
+            f"array column {name!r} has rows of {lengths.min()}..{lengths.max()} values; the "
+            f"model takes {length}"
+        )
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return values.reshape(len(column), length)
+
+
+def tokens(text: str | None) -> list[str]:
+    """Lower case, split on anything but letters and digits: what ETL does on Spark."""
+    return [t for t in re.split(TOKEN_SPLIT, (text or "").lower()) if t]
+
+
+def token_ids(texts: list[str | None], ids: dict[str, int], length: int) -> np.ndarray:
+    out = np.full((len(texts), length), PAD_TOKEN, dtype=np.int64)
+    for row, text in enumerate(texts):
+        words = tokens(text)[:length]
+        out[row, : len(words)] = [ids.get(w, UNKNOWN_TOKEN) for w in words]
+    return out
+
+
+def _list_column(matrix: np.ndarray) -> pa.Array:
+    rows, width = matrix.shape
+    flat = pa.array(matrix.reshape(-1).astype(np.float32))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, width * rows + 1, width, np.int32)), flat)
 
 
 class Scorer:
-    """A network and its preprocessing: class probabilities for raw Arrow or pandas input."""
+    """A network and its preprocessing: predictions for raw Arrow or pandas input.
+
+    Classification: ``prediction`` (the class) and ``probabilities``; regression: ``prediction``
+    (the value); clustering: ``prediction`` (the nearest centroid) and ``distances`` (squared).
+    """
 
     def __init__(self, spec: FeatureSpec, network: torch.nn.Module) -> None:
         self.spec = spec
         self.preprocess = Preprocessor(spec)
         self.network = network.eval()
 
-    def probabilities(self, data: Columnar | pd.DataFrame) -> np.ndarray:
+    def outputs(self, data: Columnar | pd.DataFrame) -> np.ndarray:
+        """The network's raw outputs ``[rows, outputs]``."""
         if isinstance(data, pd.DataFrame):
             data = pa.Table.from_pandas(data, preserve_index=False)
-        numeric, categorical = self.preprocess(data)
+        inputs = {k: torch.from_numpy(v) for k, v in self.preprocess(data).items()}
         with torch.inference_mode():
-            logits = self.network(torch.from_numpy(numeric), torch.from_numpy(categorical))
-            return torch.softmax(logits.float(), dim=1).numpy()
+            return self.network(inputs).float().numpy()
+
+    def probabilities(self, data: Columnar | pd.DataFrame) -> np.ndarray:
+        return _softmax(self.outputs(data))
+
+    def predict(self, data: Columnar | pd.DataFrame) -> dict[str, np.ndarray]:
+        outputs = self.outputs(data)
+        task = self.spec.task
+        if task == "classification":
+            probabilities = _softmax(outputs)
+            return {PREDICTION: probabilities.argmax(axis=1), PROBABILITIES: probabilities}
+        if task == "regression":
+            return {PREDICTION: outputs[:, 0].astype(np.float64)}
+        return {PREDICTION: outputs.argmax(axis=1), DISTANCES: -outputs}
+
+    def predict_frame(self, data: Columnar | pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(
+            {k: v if v.ndim == 1 else list(v) for k, v in self.predict(data).items()}
+        )
 
     def predict_arrow(self, batch: pa.RecordBatch, keys: list[str]) -> pa.RecordBatch:
-        """``keys`` columns of ``batch`` as they are, then prediction and probabilities."""
-        probabilities = self.probabilities(batch)
-        k = probabilities.shape[1]
-        flat = pa.array(probabilities.reshape(-1), pa.float32())
+        """``keys`` columns of ``batch`` as they are, then the predictions."""
+        predicted = self.predict(batch)
+        columns = [pa.array(v) if v.ndim == 1 else _list_column(v) for v in predicted.values()]
         return pa.RecordBatch.from_arrays(
-            [
-                *(batch.column(name) for name in keys),
-                pa.array(probabilities.argmax(axis=1), pa.int64()),
-                pa.ListArray.from_arrays(
-                    pa.array(np.arange(0, k * len(batch) + 1, k, np.int32)), flat
-                ),
-            ],
-            names=[*keys, PREDICTION, PROBABILITIES],
+            [*(batch.column(name) for name in keys), *columns],
+            names=[*keys, *predicted],
         )
 
 
-def predictions_frame(probabilities: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame(
-        {PREDICTION: probabilities.argmax(axis=1), PROBABILITIES: list(probabilities)}
-    )
+def output_columns(spec: FeatureSpec) -> list[tuple[str, str]]:
+    """The prediction columns and their Spark SQL types, per task."""
+    if spec.task == "classification":
+        return [(PREDICTION, "bigint"), (PROBABILITIES, "array<float>")]
+    if spec.task == "regression":
+        return [(PREDICTION, "double")]
+    return [(PREDICTION, "bigint"), (DISTANCES, "array<float>")]
+
+
+def _softmax(outputs: np.ndarray) -> np.ndarray:
+    shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class TabularModel(PythonModel):
@@ -136,7 +212,7 @@ class TabularModel(PythonModel):
         self.scorer = Scorer(spec, network)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
-        return predictions_frame(self.scorer.probabilities(model_input))
+        return self.scorer.predict_frame(model_input)
 
 
 def log_model(
@@ -149,14 +225,14 @@ def log_model(
     """Log ``network`` with its preprocessing as a pyfunc model into the active run; its URI.
 
     The package's own code travels with the model (``code_paths``), so it loads where
-    lepton-spark is not installed.
+    lepton-spark is not installed; a user's model class must be importable where it is loaded.
     """
     import mlflow
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
     scorer = Scorer(spec, network)
-    example_output = predictions_frame(scorer.probabilities(raw_example))
+    example_output = scorer.predict_frame(raw_example)
     with tempfile.TemporaryDirectory(prefix="lepton-model-") as tmp, _quiet_mlflow():
         spec_file = Path(tmp) / "feature_spec.json"
         spec_file.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
@@ -209,9 +285,15 @@ def load_scorer(model_dir: str | Path) -> Scorer:
     return Scorer(spec, network)
 
 
-def decode(spec: FeatureSpec, numeric: np.ndarray, categorical: np.ndarray) -> pd.DataFrame:
-    """Preprocessed features back to raw columns (vocabulary values, unstandardised numbers):
-    shard rows as the model's raw input, for checks and notebooks. Index 0 becomes ``None``."""
+def decode(
+    spec: FeatureSpec,
+    numeric: np.ndarray,
+    categorical: np.ndarray,
+    extras: tuple[np.ndarray, ...] = (),
+) -> pd.DataFrame:
+    """Preprocessed features back to raw columns (vocabulary values, unstandardised numbers,
+    arrays as lists, token ids as words): shard rows as the model's raw input, for checks and
+    notebooks. Categorical index 0 becomes ``None``; an unknown word is left out of the text."""
     frame: dict[str, Any] = {}
     for i, name in enumerate(spec.numeric):
         scale = spec.standardize.get(name)
@@ -220,20 +302,30 @@ def decode(spec: FeatureSpec, numeric: np.ndarray, categorical: np.ndarray) -> p
     for i, feature in enumerate(spec.categorical):
         lookup = np.array([None, *feature.vocabulary], dtype=object)
         frame[feature.name] = lookup[categorical[:, i]]
+    rest = iter(extras)
+    for a in spec.arrays:
+        frame[a.name] = list(next(rest).astype(np.float64))
+    for t in spec.texts:
+        words = np.array(["", "", *t.vocabulary], dtype=object)
+        frame[t.name] = [" ".join(w for w in words[row] if w) for row in next(rest)]
     return pd.DataFrame(frame)
 
 
 def shard_rows(folder: str, split: str = "validation") -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
     """A split's shards as (raw input frame, labels) per record batch."""
-    from lepton_spark.loader import record_batches
+    from lepton_spark.loader import Layout, record_batches
     from lepton_spark.manifest import read_manifest
     from lepton_spark.storage import locate
 
     manifest = read_manifest(folder)
     spec = manifest.feature_spec
+    layout = Layout.of(spec)
     for shard in manifest.split(split).shards:
-        for batch in record_batches(
-            locate(folder).child(shard.path), len(spec.numeric), len(spec.categorical)
-        ):
-            raw = decode(spec, batch.numeric.numpy(), batch.categorical.numpy())
+        for batch in record_batches(locate(folder).child(shard.path), layout):
+            raw = decode(
+                spec,
+                batch.numeric.numpy(),
+                batch.categorical.numpy(),
+                tuple(t.numpy() for t in batch.extras),
+            )
             yield raw, batch.label.numpy()

@@ -1,20 +1,41 @@
 """What the model sees: the feature spec that ETL produces and shards, loader and model share.
 
 No Spark, no MLflow: ranks read this from the manifest.
+
+A model gets one dict of tensors per batch (:meth:`lepton_spark.loader.Layout.inputs`):
+``"numeric"`` ``[rows, n_numeric]`` float32, ``"categorical"`` ``[rows, n_categorical]`` int64
+(vocabulary indices), and one entry per array feature (``[rows, *shape]`` float32) and per text
+feature (``[rows, max_length]`` int64 token ids), under the feature's name.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from math import prod
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Shard column names: numeric features packed into one fixed-size list column (a zero-copy
-# [rows, n_numeric] float32 matrix), categorical indices likewise as int64, the label as int64.
+# [rows, n_numeric] float32 matrix), categorical indices likewise as int64, the label as int64
+# (classes) or float32 (regression targets), an optional float32 sample weight, and one
+# fixed-size list column per array ("a:<name>", float32) and text feature ("t:<name>", int64).
 NUMERIC_COLUMN = "numeric"
 CATEGORICAL_COLUMN = "categorical"
 LABEL_COLUMN = "label"
+WEIGHT_COLUMN = "weight"
+ARRAY_PREFIX = "a:"
+TEXT_PREFIX = "t:"
 
 # Index 0 of every categorical column stands for null and for values not in the vocabulary.
 UNKNOWN_INDEX = 0
+# Token ids: 0 pads a short text, 1 is a word not in the vocabulary, vocabulary[i] is i + 2.
+PAD_TOKEN = 0
+UNKNOWN_TOKEN = 1
+FIRST_WORD = 2
+# Text is lower-cased and split on anything but letters and digits, on Spark and when serving.
+TOKEN_SPLIT = "[^a-z0-9]+"
+
+Task = Literal["classification", "regression", "clustering"]
 
 
 class CategoricalFeature(BaseModel):
@@ -27,6 +48,42 @@ class CategoricalFeature(BaseModel):
     def cardinality(self) -> int:
         """Rows of the embedding table: the vocabulary plus the unknown index."""
         return len(self.vocabulary) + 1
+
+
+class ArrayFeature(BaseModel):
+    """A fixed-length numeric array column (pixels, an embedding, a Spark ML vector)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    shape: list[int] = Field(description="per-row shape the model sees, e.g. [1, 8, 8]")
+
+    @property
+    def length(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def column(self) -> str:
+        return ARRAY_PREFIX + self.name
+
+
+class TextFeature(BaseModel):
+    """A text column as token ids: vocabulary built on Spark, padded/truncated to max_length."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    vocabulary: list[str] = Field(description="the word of token id i + 2 (0: padding, 1: unknown)")
+    max_length: int = Field(gt=0)
+
+    @property
+    def column(self) -> str:
+        return TEXT_PREFIX + self.name
+
+    @property
+    def tokens(self) -> int:
+        """Rows of the token embedding: the vocabulary plus padding and unknown."""
+        return len(self.vocabulary) + FIRST_WORD
 
 
 class Standardization(BaseModel):
@@ -49,8 +106,12 @@ class FeatureSpec(BaseModel):
 
     numeric: list[str]
     categorical: list[CategoricalFeature]
-    label: str
-    num_classes: int = Field(ge=2)
+    label: str | None = Field(description="None only for clustering")
+    num_classes: int | None = Field(None, ge=2, description="classification only")
+    task: Task = "classification"
+    arrays: list[ArrayFeature] = Field(default_factory=list)
+    texts: list[TextFeature] = Field(default_factory=list)
+    weight: str | None = Field(None, description="sample weight column (training loss only)")
     standardize: dict[str, Standardization] = Field(
         default_factory=dict, description="numeric columns standardised in ETL"
     )
@@ -58,11 +119,31 @@ class FeatureSpec(BaseModel):
         0.0, description="what a null/NaN/inf numeric value becomes (before standardisation)"
     )
 
+    @model_validator(mode="after")
+    def _task_fields(self) -> FeatureSpec:
+        if self.task == "classification" and self.num_classes is None:
+            raise ValueError("a classification spec needs num_classes")
+        if self.task != "classification" and self.num_classes is not None:
+            raise ValueError(f"num_classes is for classification, not {self.task}")
+        if self.task != "clustering" and self.label is None:
+            raise ValueError(f"{self.task} needs a label")
+        return self
+
     @property
     def categorical_names(self) -> list[str]:
         return [c.name for c in self.categorical]
 
     @property
     def input_columns(self) -> list[str]:
-        """Model input columns, in the order the exported model expects them."""
-        return [*self.numeric, *self.categorical_names]
+        """The model's raw input columns: numeric, categorical, array, text."""
+        return [
+            *self.numeric,
+            *self.categorical_names,
+            *(a.name for a in self.arrays),
+            *(t.name for t in self.texts),
+        ]
+
+    @property
+    def output_size(self) -> int:
+        """Outputs a built-in supervised model has: one per class, or one for regression."""
+        return self.num_classes if self.num_classes is not None else 1

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lepton_spark.checkpoint import Checkpoint, Position, load_checkpoint, save_checkpoint
 from lepton_spark.config import ModelConfig, TrainConfig
 from lepton_spark.errors import InputError
-from lepton_spark.loader import ShardLoader
+from lepton_spark.loader import Layout, ShardLoader
 from lepton_spark.manifest import Manifest, read_manifest
 from lepton_spark.models import build_model
+from lepton_spark.objectives import Objective
 from lepton_spark.watchdog import (
     CHECKPOINT,
     EPOCH_CHECKPOINT,
@@ -40,7 +40,6 @@ from lepton_spark.watchdog import (
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], None]
-CONFUSION_MAX_CLASSES = 100  # above: no confusion matrix (its allreduce would grow as classes²)
 Beat = Callable[..., None]  # beat(epoch, step, doing=TRAINING, n=0): see lepton_spark.watchdog
 
 
@@ -147,15 +146,13 @@ def evaluate(
     model: nn.Module,
     loader: ShardLoader,
     device: torch.device,
+    objective: Objective,
     on_batch: Callable[[int], None] | None = None,
     precision: Precision = Precision(),
-    num_classes: int = 2,
 ) -> torch.Tensor:
-    """``[loss sum, correct, rows, confusion (label-major, num_classes²)…]`` over the loader, as a
-    float64 tensor (for one allreduce); no confusion counts above ``CONFUSION_MAX_CLASSES``."""
-    cells = num_classes * num_classes if num_classes <= CONFUSION_MAX_CLASSES else 0
-    totals = torch.zeros(3 + cells, dtype=torch.float64)
-    confusion = torch.zeros(max(cells, 1), dtype=torch.long, device=device)
+    """The objective's validation sums over the loader (float64, for one allreduce)."""
+    totals = objective.zeros()
+    layout = loader.layout
     model.eval()
     with torch.no_grad():
         for n, batch in enumerate(loader.epoch(0)):
@@ -163,14 +160,8 @@ def evaluate(
                 on_batch(n)
             batch = batch.to(device)
             with _autocast(device, precision):
-                logits = model(batch.numeric, batch.categorical).float()
-            predicted = logits.argmax(dim=1)
-            totals[0] += F.cross_entropy(logits, batch.label, reduction="sum").item()
-            totals[1] += (predicted == batch.label).sum().item()
-            totals[2] += len(batch)
-            if cells:
-                confusion += torch.bincount(batch.label * num_classes + predicted, minlength=cells)
-    totals[3:] = confusion[:cells].cpu().to(torch.float64)
+                outputs = model(layout.inputs(batch))
+            objective.accumulate(totals, outputs.float(), batch.label)
     return totals
 
 
@@ -215,9 +206,9 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
     device = choose_device(cfg.device, hvd.local_rank())
     precision = choose_precision(cfg.mixed_precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
+    layout = Layout.of(features)
     common: dict[str, Any] = {
-        "n_numeric": len(features.numeric),
-        "n_categorical": len(features.categorical),
+        "layout": layout,
         "verify": spec.verify_shards,
         "pin_memory": device.type == "cuda",
     }
@@ -241,6 +232,16 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
         **common,
     )
 
+    if features.task == "clustering":
+        everything = ShardLoader(  # k-means visits every row: no steps to keep equal
+            spec.shard_folder,
+            train_split.for_rank(rank, size),
+            batch_size=max(cfg.batch_size, 8192),
+            drop_last=False,
+            **{**common, "verify": False},  # checked by the training loader above
+        )
+        return train_kmeans(spec, hvd, report, beat, everything, val_loader, device)
+    objective = Objective(features, cfg)
     model = build_model(spec.model, features, seed=cfg.seed).to(device)
     optimizer = make_optimizer(cfg, model.parameters(), scaled_lr(cfg, size))
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
@@ -282,8 +283,8 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
             batch = batch.to(device)
             optimizer.zero_grad()
             with _autocast(device, precision):
-                logits = model(batch.numeric, batch.categorical)
-            loss = F.cross_entropy(logits.float(), batch.label)
+                outputs = model(layout.inputs(batch))
+            loss = objective.loss(outputs.float(), batch.label, batch.weight)
             if scaler is None:
                 loss.backward()
                 optimizer.step()
@@ -330,22 +331,18 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
             model,
             val_loader,
             device,
+            objective,
             functools.partial(beat, epoch, steps, EVALUATING),
             precision,
-            features.num_classes,
         )
         beat(epoch, steps, REDUCING)
-        # One allreduce per epoch: [rank mean train loss, val loss sum, correct, rows].
+        # One allreduce per epoch: [rank mean train loss, the objective's validation sums…].
         mean_loss = (loss_sum.cpu() / max(steps - done, 1)).to(torch.float64).reshape(1)
         totals = hvd.allreduce(torch.cat([mean_loss, val]), op=hvd.Sum, name="epoch_totals")
-        train_loss, val = totals[0] / size, totals[1:4]
-        k = features.num_classes
-        if k <= CONFUSION_MAX_CLASSES:
-            confusion = totals[4:].round().to(torch.long).reshape(k, k).tolist()
+        confusion = objective.confusion(totals[1:])
         metrics = {
-            "train_loss": float(train_loss),
-            "val_loss": float(val[0] / max(val[2], 1)),
-            "val_accuracy": float(val[1] / max(val[2], 1)),
+            "train_loss": float(totals[0] / size),
+            **objective.metrics(totals[1:]),
             "samples_per_second": (steps - done) * cfg.batch_size * size / seconds,
             "epoch_seconds": seconds,
         }
@@ -391,6 +388,153 @@ class _Window:
         }
         self.step, self.loss, self.time = step, loss, now
         return out
+
+
+def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding on ``points``: each next center drawn ∝ squared distance to the chosen."""
+    first = int(torch.randint(len(points), (1,), generator=generator))
+    centers = [points[first]]
+    nearest = torch.cdist(points, points[first : first + 1]).pow(2)[:, 0]
+    for _ in range(1, k):
+        total = float(nearest.sum())
+        if total <= 0:  # fewer distinct points than k: repeat one
+            index = int(torch.randint(len(points), (1,), generator=generator))
+        else:
+            index = int(torch.multinomial(nearest / total, 1, generator=generator))
+        centers.append(points[index])
+        nearest = torch.minimum(
+            nearest, torch.cdist(points, points[index : index + 1]).pow(2)[:, 0]
+        )
+    return torch.stack(centers)
+
+
+def _assign(
+    loader: ShardLoader, centroids: torch.Tensor, device: torch.device, on_batch: Callable[[], None]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's per-centroid sums and counts and its cost (Σ min squared distance)."""
+    k, d = centroids.shape
+    sums = torch.zeros(k, d, dtype=torch.float64, device=device)
+    counts = torch.zeros(k, dtype=torch.float64, device=device)
+    cost = torch.zeros(1, dtype=torch.float64, device=device)
+    for batch in loader.epoch(0):
+        on_batch()
+        x = batch.to(device).numeric.double()
+        distances = torch.cdist(x, centroids).pow(2)
+        best, nearest = distances.min(dim=1)
+        sums.index_add_(0, nearest, x)
+        counts += torch.bincount(nearest, minlength=k).double()
+        cost += best.sum()
+    return sums, counts, cost
+
+
+def train_kmeans(
+    spec: TrainSpec,
+    hvd: Any,
+    report: Report | None,
+    beat: Beat,
+    loader: ShardLoader,
+    val_loader: ShardLoader,
+    device: torch.device,
+) -> TrainResult:
+    """Lloyd's k-means across the ranks: each rank assigns its own rows; the centroid sums,
+    counts and cost are added up with one Horovod allreduce per iteration.
+
+    Seeded with k-means++ on a sample gathered from every rank (the same on all ranks, then
+    broadcast from rank 0). Stops after ``iterations`` or when no centroid moves more than
+    ``tolerance`` (relative to the data's scale).
+    """
+    options = spec.model.options
+    k = int(options.get("k", 8))
+    iterations = int(options.get("iterations", 50))
+    tolerance = float(options.get("tolerance", 1e-4))
+    rank, size = hvd.rank(), hvd.size()
+    if report:
+        report(
+            {
+                "event": "start",
+                "size": size,
+                "device": str(device),
+                "precision": "fp64",
+                "epochs": iterations,
+                "steps_per_epoch": len(loader),
+                "attempt": spec.attempt,
+                "resumed_from": None,
+                "code": os.path.dirname(__file__),
+            }
+        )
+    per_rank = max(100 * k // size, 1_000)
+    sample = []
+    taken = 0
+    for batch in loader.epoch(0):
+        sample.append(batch.numeric[: per_rank - taken].double())
+        taken += len(sample[-1])
+        if taken >= per_rank:
+            break
+    gathered = hvd.allgather(torch.cat(sample), name="kmeans_sample")
+    if len(gathered) < k:
+        raise InputError(
+            f"k-means with k={k} needs at least {k} training rows, got {len(gathered)}"
+        )
+    generator = torch.Generator().manual_seed(spec.train.seed)
+    centroids = hvd.broadcast(_kmeans_plus_plus(gathered, k, generator), root_rank=0, name="init")
+    scale = float(gathered.std()) or 1.0
+    centroids = centroids.to(device)
+    history: list[dict[str, float]] = []
+    for iteration in range(iterations):
+        started = time.perf_counter()
+        step = 0
+
+        def moved(iteration: int = iteration) -> None:
+            nonlocal step
+            step += 1
+            beat(iteration, step)
+
+        sums, counts, cost = _assign(loader, centroids, device, moved)
+        beat(iteration, step, REDUCING)
+        totals = hvd.allreduce(
+            torch.cat([sums.reshape(-1), counts, cost]).cpu(), op=hvd.Sum, name="kmeans_totals"
+        ).to(device)
+        sums, counts = totals[: k * centroids.shape[1]].reshape(k, -1), totals[-k - 1 : -1]
+        updated = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centroids)
+        shift = float((updated - centroids).norm(dim=1).max()) / scale
+        centroids = updated
+        metrics = {
+            "train_cost": float(totals[-1]),  # of the assignment this iteration started from
+            "centroid_shift": shift,
+            "empty_clusters": float((counts == 0).sum()),
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        history.append({"epoch": iteration + 1, **metrics})
+        if report:
+            report({"event": "epoch", "epoch": iteration + 1, "metrics": metrics})
+        if shift < tolerance:
+            break
+    # The cost of the final centroids, on the training and the validation rows.
+    _, _, cost = _assign(loader, centroids, device, lambda: None)
+    _, val_counts, val_cost = _assign(val_loader, centroids, device, lambda: None)
+    final = hvd.allreduce(
+        torch.cat([cost, val_cost, val_counts.sum().reshape(1)]).cpu(), op=hvd.Sum, name="cost"
+    )
+    history[-1].update(
+        {
+            "train_cost": float(final[0]),
+            "val_cost_per_row": float(final[1]) / max(float(final[2]), 1.0),
+            "iterations": float(len(history)),
+        }
+    )
+    weights = None
+    if rank == 0:
+        buffer = io.BytesIO()
+        torch.save({"centroids": centroids.float().cpu()}, buffer)
+        weights = buffer.getvalue()
+    return TrainResult(
+        rank=rank,
+        size=size,
+        device=str(device),
+        steps_per_epoch=len(loader),
+        history=history,
+        state_dict=weights,
+    )
 
 
 def _resume(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pyarrow.fs import LocalFileSystem
 
-from lepton_spark.loader import ShardLoader, record_batches
+from lepton_spark.loader import Layout, ShardLoader, record_batches
 from lepton_spark.shardio import write_local_shards
 from lepton_spark.spec import CategoricalFeature, FeatureSpec
 from lepton_spark.storage import Location
@@ -48,7 +48,7 @@ def shards(tmp_path):
 
 def loader(shards, **kw) -> ShardLoader:
     folder, split = shards
-    return ShardLoader(folder, split.shards, n_numeric=2, n_categorical=1, **kw)
+    return ShardLoader(folder, split.shards, layout=Layout(2, 1), **kw)
 
 
 def ids(batches) -> list[int]:
@@ -126,8 +126,7 @@ def test_three_shards_over_two_ranks_give_equal_steps_with_either_tail(shards):
             data = ShardLoader(
                 folder,
                 split.for_rank(rank, 2),
-                n_numeric=2,
-                n_categorical=1,
+                layout=Layout(2, 1),
                 batch_size=16,
                 steps=steps,
                 tail=tail,
@@ -152,7 +151,7 @@ def mapped_ranges(path: Path) -> list[tuple[int, int]]:
 def test_numeric_tensors_are_the_mapped_file_itself(shards):
     folder, split = shards
     place = (Path(folder) / split.shards[0].path).resolve()
-    batch = next(record_batches(place, n_numeric=2, n_categorical=1))
+    batch = next(record_batches(place, Layout(2, 1)))
     # No copy: each tensor's data lies inside the shard file's memory mapping.
     for tensor in batch.tensors():
         address = tensor.data_ptr()

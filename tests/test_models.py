@@ -1,12 +1,19 @@
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pytest
 import torch
 
 from lepton_spark.config import ModelConfig
 from lepton_spark.models import build_model
-from lepton_spark.serving import Preprocessor, Scorer, decode
-from lepton_spark.spec import CategoricalFeature, FeatureSpec, Standardization
+from lepton_spark.serving import Preprocessor, Scorer, decode, tokens
+from lepton_spark.spec import (
+    ArrayFeature,
+    CategoricalFeature,
+    FeatureSpec,
+    Standardization,
+    TextFeature,
+)
 
 SPEC = FeatureSpec(
     numeric=["a", "b"],
@@ -20,7 +27,12 @@ SPEC = FeatureSpec(
 
 def test_model_maps_numeric_and_categorical_to_class_logits():
     model = build_model(ModelConfig(hidden=[8]), SPEC, seed=0).eval()
-    logits = model(torch.tensor([[0.5, -1.0], [1.5, 0.0]]), torch.tensor([[2], [1]]))
+    logits = model(
+        {
+            "numeric": torch.tensor([[0.5, -1.0], [1.5, 0.0]]),
+            "categorical": torch.tensor([[2], [1]]),
+        }
+    )
     assert logits.shape == (2, 3)
 
 
@@ -33,7 +45,8 @@ def test_preprocessing_indexes_standardises_and_fills_like_etl():
             "extra": ["kept out", "of", "the", "model"],
         }
     )
-    numeric, categorical = Preprocessor(SPEC)(pa.Table.from_pandas(frame))
+    prepared = Preprocessor(SPEC)(pa.Table.from_pandas(frame))
+    numeric, categorical = prepared["numeric"], prepared["categorical"]
     # a: (3 - 1) / 2 = 1; NaN and inf are filled with -5, then standardised: (-5 - 1) / 2 = -3.
     np.testing.assert_allclose(numeric[:, 0], [1.0, -3.0, -3.0, 0.0])
     np.testing.assert_allclose(numeric[:, 1], [1.0, 2.0, 3.0, 4.0])
@@ -47,9 +60,9 @@ def test_categorical_values_match_as_spark_casts_them_to_strings():
         update={"categorical": [CategoricalFeature(name="c", vocabulary=["7", "true"])]}
     )
     table = pa.table({"a": [0.0, 0.0], "b": [0.0, 0.0], "c": [7, 8]})
-    assert Preprocessor(spec)(table)[1][:, 0].tolist() == [1, 0]
+    assert Preprocessor(spec)(table)["categorical"][:, 0].tolist() == [1, 0]
     table = pa.table({"a": [0.0, 0.0], "b": [0.0, 0.0], "c": [True, False]})
-    assert Preprocessor(spec)(table)[1][:, 0].tolist() == [2, 0]
+    assert Preprocessor(spec)(table)["categorical"][:, 0].tolist() == [2, 0]
 
 
 def test_missing_columns_are_named():
@@ -66,7 +79,13 @@ def test_scorer_probabilities_equal_the_network_on_preprocessed_features():
     scorer = Scorer(SPEC, network)
     frame = pd.DataFrame({"a": [3.0, -1.0], "b": [0.5, 0.25], "c": ["x", "zz"]})
     expected = torch.softmax(
-        network(torch.tensor([[1.0, 0.5], [-1.0, 0.25]]), torch.tensor([[1], [0]])), dim=1
+        network(
+            {
+                "numeric": torch.tensor([[1.0, 0.5], [-1.0, 0.25]]),
+                "categorical": torch.tensor([[1], [0]]),
+            }
+        ),
+        dim=1,
     )
     np.testing.assert_allclose(scorer.probabilities(frame), expected.detach().numpy(), rtol=1e-6)
 
@@ -82,7 +101,86 @@ def test_scorer_probabilities_equal_the_network_on_preprocessed_features():
 
 def test_decode_inverts_the_preprocessing():
     raw = pd.DataFrame({"a": [3.0, -1.0], "b": [0.5, 0.25], "c": ["x", None]})
-    numeric, categorical = Preprocessor(SPEC)(pa.Table.from_pandas(raw))
-    back = decode(SPEC, numeric, categorical)
+    prepared = Preprocessor(SPEC)(pa.Table.from_pandas(raw))
+    back = decode(SPEC, prepared["numeric"], prepared["categorical"])
     np.testing.assert_allclose(back[["a", "b"]].to_numpy(), raw[["a", "b"]].to_numpy())
     assert back["c"].tolist() == ["x", None]
+
+
+IMAGE_TEXT = FeatureSpec(
+    numeric=[],
+    categorical=[],
+    label="y",
+    num_classes=4,
+    arrays=[ArrayFeature(name="img", shape=[1, 4, 4])],
+    texts=[TextFeature(name="doc", vocabulary=["good", "bad", "film"], max_length=5)],
+)
+
+
+def test_arrays_and_text_are_shaped_and_tokenised_like_etl():
+    table = pa.table(
+        {
+            "img": [[float(i) for i in range(16)], [0.5] * 16],
+            "doc": ["A GOOD film, good!", None],
+        }
+    )
+    prepared = Preprocessor(IMAGE_TEXT)(table)
+    assert prepared["img"].shape == (2, 1, 4, 4) and prepared["img"].dtype == np.float32
+    assert prepared["img"][0, 0, 3, 3] == 15.0
+    # "a" is not in the vocabulary (1); good=2, bad=3, film=4; 0 pads.
+    assert prepared["doc"].tolist() == [[1, 2, 4, 2, 0], [0, 0, 0, 0, 0]]
+    assert tokens("Hello,World  2x") == ["hello", "world", "2x"]
+    with pytest.raises(ValueError, match=r"rows of 3\.\.3 values; the model takes 16"):
+        Preprocessor(IMAGE_TEXT)(pa.table({"img": [[1.0, 2.0, 3.0]], "doc": ["x"]}))
+
+
+@pytest.mark.parametrize("name", ["mlp", "linear", "cnn", "transformer"])
+def test_built_in_models_map_inputs_to_one_output_per_class(name):
+    model = build_model(ModelConfig(name=name, hidden=[8]), IMAGE_TEXT, seed=0).eval()
+    inputs = {
+        "numeric": torch.zeros(3, 0),
+        "categorical": torch.zeros(3, 0, dtype=torch.long),
+        "img": torch.rand(3, 1, 4, 4),
+        "doc": torch.tensor([[2, 3, 0, 0, 0], [4, 1, 2, 3, 4], [0, 0, 0, 0, 0]]),
+    }
+    out = model(inputs)
+    assert out.shape == (3, 4) and torch.isfinite(out).all()
+
+
+def test_regression_models_have_one_output():
+    spec = SPEC.model_copy(update={"task": "regression", "num_classes": None})
+    for name in ("mlp", "linear"):
+        model = build_model(ModelConfig(name=name, hidden=[8]), spec, seed=0)
+        out = model(
+            {"numeric": torch.zeros(2, 2), "categorical": torch.ones(2, 1, dtype=torch.long)}
+        )
+        assert out.shape == (2, 1)
+
+
+def test_linear_model_is_logistic_regression_on_one_hot_categories():
+    model = build_model(ModelConfig(name="linear"), SPEC, seed=0)
+    with torch.no_grad():
+        model.one_hot[0].weight[2] = torch.tensor([1.0, 2.0, 3.0])
+    numeric = torch.tensor([[0.5, -1.0]])
+    base = model({"numeric": numeric, "categorical": torch.tensor([[0]])})
+    shifted = model({"numeric": numeric, "categorical": torch.tensor([[2]])})
+    torch.testing.assert_close(shifted - base, torch.tensor([[1.0, 2.0, 3.0]]))
+
+
+def test_a_user_factory_is_imported_and_given_the_spec_and_options(tmp_path, monkeypatch):
+    package = tmp_path / "my_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text(
+        "from torch import nn\n"
+        "def build(spec, width=4):\n"
+        "    first = nn.Linear(len(spec.numeric), width)\n"
+        "    return nn.Sequential(first, nn.Linear(width, spec.output_size))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model(ModelConfig(name="my_pkg.models:build", options={"width": 6}), SPEC)
+    assert model[0].out_features == 6 and model[1].out_features == 3
+    with pytest.raises(ValueError, match=r"cannot import 'no_such_pkg\.models'"):
+        build_model(ModelConfig(name="no_such_pkg.models:build"), SPEC)
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        build_model(ModelConfig(name="my_pkg.models:nope"), SPEC)

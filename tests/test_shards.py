@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 
 from lepton_spark.config import FeatureSpecConfig, ShardConfig
 from lepton_spark.etl import DataError, build_features
-from lepton_spark.loader import ShardLoader, record_batches
+from lepton_spark.loader import Layout, ShardLoader, record_batches
 from lepton_spark.manifest import ShardError, read_manifest, sha256_file, verify_shard
 from lepton_spark.shards import num_shards, write_shards
 
@@ -53,7 +53,7 @@ def read_rows(folder, split) -> pd.DataFrame:
 
 def shard_rows(folder, shard) -> pd.DataFrame:
     parts = []
-    for batch in record_batches(Path(folder) / shard.path, n_numeric=2, n_categorical=1):
+    for batch in record_batches(Path(folder) / shard.path, Layout(2, 1)):
         assert batch.numeric.dtype.is_floating_point and batch.numeric.dtype.itemsize == 4
         assert str(batch.categorical.dtype) == "torch.int64"
         assert str(batch.label.dtype) == "torch.int64"
@@ -251,9 +251,7 @@ def test_shards_go_through_pyarrow_fs_uris(table, tmp_path):
     assert (tmp_path / "fp" / "manifest.json").is_file()
     assert read_manifest(uri) == shard_set.manifest
     split = shard_set.manifest.split("train")
-    loader = ShardLoader(
-        uri, split.shards, n_numeric=2, n_categorical=1, batch_size=1_000, drop_last=False
-    )
+    loader = ShardLoader(uri, split.shards, layout=Layout(2, 1), batch_size=1_000, drop_last=False)
     assert sum(len(b) for b in loader.epoch(0)) == 5_003
 
 

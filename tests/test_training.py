@@ -71,7 +71,7 @@ def reference_sgd(tables: list[pa.Table], batch: int, steps: int, lr: float) -> 
         categorical = torch.cat([c[1][rows] for c in cols])
         label = torch.cat([c[2][rows] for c in cols])
         opt.zero_grad()
-        F.cross_entropy(model(numeric, categorical), label).backward()
+        F.cross_entropy(model({"numeric": numeric, "categorical": categorical}), label).backward()
         opt.step()
     return model.state_dict()
 
