@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -245,7 +246,7 @@ def score(
             partitions=partitions,
         )
     except Exception as err:
-        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__, exit_code(err))
+        _fail(_innermost(err), exit_code(err))
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_INTERRUPTED)
     console.print(
@@ -304,6 +305,16 @@ def cluster_down(
         return
     running.stop()
     console.print(f"stopped {running.master_url}")
+
+
+def _innermost(err: BaseException) -> str:
+    """The line that says what went wrong: for a failure in an executor's Python worker, the
+    last ``SomethingError: …`` line of its traceback, not Spark's wrapper message."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    python = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Invalid): ", line)]
+    if python:
+        return python[-1]
+    return lines[0] if lines else type(err).__name__
 
 
 def _fail(message: str, code: int) -> typer.Exit:

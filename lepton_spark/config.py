@@ -404,6 +404,22 @@ class PipelineConfig(_Frozen):
             )
         if self.compress.enabled and self.features.task != "classification":
             raise ValueError("compress is measured by accuracy: classification models only")
+        if self.compress.quantize and self.model.name == "transformer":
+            raise ValueError(
+                "compress.quantize does not apply to model 'transformer' (torch's fused encoder "
+                "needs float Linear layers); compress.prune does"
+            )
+        f = self.features
+        if clustering and (not f.numeric or f.categorical or f.arrays or f.text or f.weight):
+            raise ValueError(
+                "k-means clusters numeric features only: list them in features.numeric, and no "
+                "categorical, arrays, text or weight"
+            )
+        if self.baseline.mllib and not (f.numeric or f.categorical):
+            raise ValueError(
+                "baseline.mllib trains Spark MLlib on numeric and categorical features; this "
+                "pipeline has none"
+            )
         return self
 
     def flat(self) -> dict[str, str]:

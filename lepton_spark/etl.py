@@ -162,7 +162,7 @@ def load_and_transform(spark: SparkSession, cfg: PipelineConfig) -> DataFrame:
 _NUMERIC_TYPES = (T.NumericType, T.BooleanType)
 
 
-def _is_vector(data_type: T.DataType) -> bool:
+def is_vector(data_type: T.DataType) -> bool:
     return data_type.typeName() == "vector" or type(data_type).__name__ == "VectorUDT"
 
 
@@ -187,9 +187,16 @@ def _check_columns(df: DataFrame, spec: FeatureSpecConfig) -> None:
     for c, what in named:
         if not isinstance(types[c], _NUMERIC_TYPES):
             raise DataError(f"{what} {c!r} has Spark type {types[c].simpleString()}")
+    for c in spec.categorical:
+        if isinstance(types[c], (T.FractionalType, T.TimestampType, T.TimestampNTZType)):
+            raise DataError(
+                f"categorical feature {c!r} has Spark type {types[c].simpleString()}: its values "
+                "would not print the same way when the model is served; cast it in the transform "
+                f"(CAST({c} AS BIGINT) or CAST({c} AS STRING))"
+            )
     for a in spec.arrays:
         t = types[a.name]
-        ok = _is_vector(t) or (
+        ok = is_vector(t) or (
             isinstance(t, T.ArrayType) and isinstance(t.elementType, _NUMERIC_TYPES)
         )
         if not ok:
@@ -259,17 +266,18 @@ def _statistics(df: DataFrame, spec: FeatureSpecConfig) -> dict[str, int | None]
         F.count(F.lit(1)).alias("rows"),
         F.sum(_bad_row(spec).cast("long")).alias("bad_rows"),
     ]
+    kept = ~_bad_row(spec)  # rows that survive nulls: drop (and all rows when nothing is bad)
     if spec.task == "classification" and spec.label is not None:
         aggs += [
-            F.min(spec.label).cast("long").alias("label_min"),
-            F.max(spec.label).cast("long").alias("label_max"),
+            F.min(F.when(kept, F.col(spec.label))).cast("long").alias("label_min"),
+            F.max(F.when(kept, F.col(spec.label))).cast("long").alias("label_max"),
         ]
     for column, bad in _bad_columns(spec).items():
         aggs.append(F.sum(bad.cast("long")).alias(f"bad:{column}"))
     for a in spec.arrays:
         aggs += [
-            F.min(F.size(a.name)).alias(f"len_min:{a.name}"),
-            F.max(F.size(a.name)).alias(f"len_max:{a.name}"),
+            F.min(F.when(kept, F.size(a.name))).alias(f"len_min:{a.name}"),
+            F.max(F.when(kept, F.size(a.name))).alias(f"len_max:{a.name}"),
         ]
     row = df.agg(*aggs).first()
     assert row is not None
@@ -321,7 +329,7 @@ def build_features(
         )
     types = {f.name: f.dataType for f in df.schema.fields}
     for a in spec.arrays:  # Spark ML vectors become plain arrays
-        if _is_vector(types[a.name]):
+        if is_vector(types[a.name]):
             from pyspark.ml.functions import vector_to_array
 
             df = df.withColumn(a.name, vector_to_array(F.col(a.name)))
@@ -399,6 +407,8 @@ def _clean(
 ) -> tuple[DataFrame, int]:
     """Apply ``features.nulls`` to the bad values found: fail, drop the rows, or fill numbers."""
     listed = ", ".join(f"{c!r}: {n} rows" for c, n in bad.items())
+    if spec.weight in bad:
+        listed += " (a negative weight counts too)"
     if spec.nulls == "fail":
         raise DataError(
             f"null, NaN or infinite values in {listed} "

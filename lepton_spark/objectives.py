@@ -8,7 +8,8 @@ the ranks add them in one allreduce, and :meth:`Objective.metrics` turns the tot
 - regression: mean squared error; ``val_loss`` (= ``val_mse``), ``val_mse``, ``val_mae``,
   ``val_r2``;
 - ``train.loss: "pkg.mod:fn"``: ``fn(outputs, labels, weights or None)`` → a scalar, used for
-  training and for ``val_loss``;
+  training and for ``val_loss``; ``outputs`` are ``[rows, classes]`` logits, or ``[rows]`` values
+  for regression (as the labels);
 - ``train.metrics: ["pkg.mod:fn", …]``: ``fn(outputs, labels)`` → one value per row, averaged over
   the validation split as ``val_<fn>``.
 
@@ -63,7 +64,7 @@ class Objective:
     ) -> torch.Tensor:
         """The training loss of a batch (weighted mean when there are weights)."""
         if self.custom_loss is not None:
-            return self.custom_loss(outputs, labels, weights)
+            return self.custom_loss(self._prepare(outputs, labels), labels, weights)
         per_row = self.per_row_loss(outputs, labels)
         if weights is None:
             return per_row.mean()
@@ -76,7 +77,7 @@ class Objective:
     def accumulate(self, totals: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor) -> None:
         rows = len(labels)
         if self.custom_loss is not None:
-            loss_sum = float(self.custom_loss(outputs, labels, None)) * rows
+            loss_sum = float(self.custom_loss(self._prepare(outputs, labels), labels, None)) * rows
         else:
             loss_sum = float(self.per_row_loss(outputs, labels).sum())
         totals[0] += loss_sum
@@ -98,7 +99,7 @@ class Objective:
             totals[5] += float(((prepared.double() - y) ** 2).sum())
         start = self.base + self.cells
         for i, (_, fn) in enumerate(self.custom_metrics):
-            totals[start + i] += float(fn(outputs, labels).double().sum())
+            totals[start + i] += float(fn(prepared, labels).double().sum())
 
     def metrics(self, totals: torch.Tensor) -> dict[str, float]:
         rows = max(float(totals[2]), 1.0)

@@ -236,7 +236,8 @@ def shared_storage_warnings(cfg: PipelineConfig, master: str) -> list[str]:
 def check_trainable(cfg: PipelineConfig, manifest: Manifest) -> None:
     """Enough training rows for every rank to run at least one full step (before submitting)."""
     t = cfg.train
-    problem = manifest.split("train").training_problem(t.num_workers, t.batch_size, t.tail)
+    batch = 1 if cfg.features.task == "clustering" else t.batch_size  # k-means takes no steps
+    problem = manifest.split("train").training_problem(t.num_workers, batch, t.tail)
     if problem:
         raise DataError(problem)
 
@@ -298,13 +299,13 @@ def raw_example(spark: SparkSession, cfg: PipelineConfig, rows: int = 5) -> pd.D
     """A few rows of the transform's output, the model's input columns as the user has them."""
     from pyspark.sql import functions as F
 
-    from lepton_spark.etl import load_and_transform
+    from lepton_spark.etl import is_vector, load_and_transform
 
     f = cfg.features
     columns = [*f.numeric, *f.categorical, *(a.name for a in f.arrays), *(t.name for t in f.text)]
     df = load_and_transform(spark, cfg).select(*columns).limit(rows)
     for a in f.arrays:  # Spark ML vectors as plain lists, as a pandas user would pass them
-        if df.schema[a.name].dataType.typeName() == "vector":
+        if is_vector(df.schema[a.name].dataType):
             from pyspark.ml.functions import vector_to_array
 
             df = df.withColumn(a.name, vector_to_array(F.col(a.name)))
@@ -536,6 +537,8 @@ def run_pipeline(
                 log_compressed(run, cfg, shard_set, network, example, version)
         run.log_json(chief.history, "history.json")
         final = {k: v for k, v in chief.history[-1].items() if k != "epoch"}
+        if manifest.feature_spec.task == "clustering":  # the final centroids' costs
+            run.log_metrics(final, step=int(chief.history[-1]["epoch"]))
         baseline: dict[str, float] = {}
         if cfg.baseline.mllib:
             with _timed(timings, "baseline"):
@@ -640,10 +643,11 @@ def log_pictures(
             for inputs, labels in validation_batches(shard_set):
                 predicted.append(network(inputs)[:, 0].float().numpy())
                 actual.append(labels)
-        run.log_image(
-            plots.residuals(np.concatenate(predicted), np.concatenate(actual)),
-            "plots/residuals.png",
-        )
+        if predicted:
+            run.log_image(
+                plots.residuals(np.concatenate(predicted), np.concatenate(actual)),
+                "plots/residuals.png",
+            )
 
 
 def mllib_baseline(

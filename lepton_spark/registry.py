@@ -68,9 +68,18 @@ def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
 
 def _metric(client: MlflowClient, name: str, version: str, metric: str) -> float:
     model_version = client.get_model_version(name, version)
-    own = (model_version.tags or {}).get(METRIC_TAG_PREFIX + metric)
+    tags = model_version.tags or {}
+    own = tags.get(METRIC_TAG_PREFIX + metric)
     if own is not None:
         return float(own)
+    if COMPRESSION_TAG in tags:  # its run's metrics describe the uncompressed model
+        measured = sorted(
+            k.removeprefix(METRIC_TAG_PREFIX) for k in tags if k.startswith(METRIC_TAG_PREFIX)
+        )
+        raise ValueError(
+            f"{name} version {version} is a compressed variant ({tags[COMPRESSION_TAG]}); "
+            f"{metric!r} was not measured for it (it has {measured})"
+        )
     run_id = model_version.run_id
     metrics = client.get_run(run_id).data.metrics
     if metric not in metrics:

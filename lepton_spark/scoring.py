@@ -25,10 +25,12 @@ from typing import Any
 
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.utils import AnalysisException
 
 from lepton_spark.errors import InputError
+from lepton_spark.etl import is_vector
 from lepton_spark.serving import Scorer, load_scorer, output_columns
 from lepton_spark.spec import FeatureSpec
 from lepton_spark.storage import Location, locate
@@ -212,6 +214,11 @@ def _run(
             rows.add(batch.num_rows)
             yield scorer.predict_arrow(batch, keys)
 
+    for a in spec.arrays:  # a Spark ML vector reaches Arrow as a struct: make it an array
+        if a.name in features and is_vector(df.schema[a.name].dataType):
+            from pyspark.ml.functions import vector_to_array
+
+            df = df.withColumn(a.name, vector_to_array(F.col(a.name)))
     selected = df.select(*keys, *features)
     if partitions:
         selected = selected.repartition(partitions)

@@ -22,6 +22,7 @@ import logging
 import re
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -229,10 +230,10 @@ def log_model(
     """
     import mlflow
     import mlflow.pytorch
-    from mlflow.models import infer_signature
 
     scorer = Scorer(spec, network)
     example_output = scorer.predict_frame(raw_example)
+    signature = _signature(spec, raw_example, example_output)
     with tempfile.TemporaryDirectory(prefix="lepton-model-") as tmp, _quiet_mlflow():
         spec_file = Path(tmp) / "feature_spec.json"
         spec_file.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
@@ -247,8 +248,8 @@ def log_model(
             name=name,
             python_model=TabularModel(),
             artifacts={SPEC_ARTIFACT: str(spec_file), NETWORK_ARTIFACT: str(network_dir)},
-            code_paths=[str(Path(__file__).parent)],
-            signature=infer_signature(raw_example, example_output),
+            code_paths=[str(_package_folder(Path(tmp)))],
+            signature=signature,
             input_example=raw_example,
             pip_requirements=pip_requirements,
         )
@@ -272,6 +273,39 @@ def _quiet_mlflow() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+def _signature(spec: FeatureSpec, example: pd.DataFrame, output: pd.DataFrame) -> Any:
+    """Inputs as the example has them, but numbers as doubles and every column optional: a
+    missing number is filled and a missing category is "unknown", so MLflow must let them in."""
+    from mlflow.models import infer_signature
+    from mlflow.types import ColSpec, Schema
+
+    example = example.copy()
+    for name in spec.numeric:
+        example[name] = example[name].astype("float64")
+    for name in spec.categorical_names:  # integer codes: NaN must fit (3.0 is matched as "3")
+        if pd.api.types.is_integer_dtype(example[name]):
+            example[name] = example[name].astype("float64")
+    signature = infer_signature(example, output)
+    signature.inputs = Schema(
+        [ColSpec(c.type, c.name, required=False) for c in signature.inputs.inputs]
+    )
+    return signature
+
+
+def _package_folder(scratch: Path) -> Path:
+    """lepton_spark's source folder for ``code_paths``; extracted when it was imported from a
+    zip (spark-submit's ``--py-files``)."""
+    here = Path(__file__).parent
+    if here.is_dir():
+        return here
+    archive = next(p for p in here.parents if p.suffix == ".zip")
+    inside = here.relative_to(archive).as_posix()
+    with zipfile.ZipFile(archive) as zipped:
+        members = [m for m in zipped.namelist() if m.startswith(inside + "/")]
+        zipped.extractall(scratch / "code", members)
+    return scratch / "code" / inside
 
 
 def load_scorer(model_dir: str | Path) -> Scorer:

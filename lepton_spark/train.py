@@ -199,7 +199,8 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
     manifest: Manifest = read_manifest(spec.shard_folder)
     features = manifest.feature_spec
     train_split, val_split = manifest.split("train"), manifest.split("validation")
-    problem = train_split.training_problem(size, cfg.batch_size, cfg.tail)
+    batch_size = 1 if features.task == "clustering" else cfg.batch_size  # k-means: no steps
+    problem = train_split.training_problem(size, batch_size, cfg.tail)
     if problem:  # the driver checks this before submitting; callers without it get it here
         raise InputError(f"rank {rank}: {problem}")
     steps = train_split.steps_per_epoch(size, cfg.batch_size, cfg.tail)

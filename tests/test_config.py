@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,54 @@ def test_overrides_keep_dotted_spark_conf_keys_whole():
     )
     assert cfg.spark.conf["spark.sql.shuffle.partitions"] == "8"
     assert cfg.flat()["spark.conf.spark.sql.shuffle.partitions"] == "8"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        # k-means: numeric features only, checked before any work
+        (
+            {
+                "features.task": "clustering",
+                "features.label": None,
+                "features.num_classes": None,
+                "model.name": "kmeans",
+            },
+            "k-means clusters numeric features only",
+        ),
+        ({"model.name": "kmeans"}, "clustering pipelines use model 'kmeans'"),
+        (
+            {
+                "features.task": "regression",
+                "features.num_classes": None,
+                "compress.quantize": True,
+            },
+            "classification models only",
+        ),
+        (
+            {"model.name": "transformer", "compress.quantize": True},
+            "compress.quantize does not apply to model 'transformer'",
+        ),
+        ({"model.name": "not a model"}, "unknown model 'not a model'"),
+        ({"features.task": "regression"}, "num_classes is for classification"),
+    ],
+)
+def test_model_task_and_feature_mismatches_are_refused_before_any_work(overrides, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(ROOT / "pipelines" / "tabular_demo.yaml", overrides)
+
+
+def test_every_template_loads():
+    names = sorted(p.stem for p in (ROOT / "pipelines").glob("*.yaml"))
+    assert names == [
+        "digits_cnn",
+        "kmeans_blobs",
+        "tabular_demo",
+        "tabular_logistic",
+        "tabular_regression",
+        "text_transformer",
+    ]
+    for name in names:
+        load_config(ROOT / "pipelines" / f"{name}.yaml")
+    with pytest.raises(ConfigError, match=r"baseline\.mllib trains Spark MLlib"):
+        load_config(ROOT / "pipelines" / "digits_cnn.yaml", {"baseline.mllib": True})

@@ -109,6 +109,9 @@ def test_run_promote_score_against_a_loopback_mlflow_server(
     expected = report["after"]["accuracy"] > result.metrics["val_accuracy"]
     assert decision.promoted == expected, decision.reason
     assert f"{report['after']['accuracy']:.4f}" in decision.reason
+    # Only accuracy was measured for it: another metric is not borrowed from the trained model.
+    with pytest.raises(ValueError, match="was not measured for it"):
+        promote(client, NAME, metric="val_loss", mode="min", version="2")
     # Score with the trained version: dynamic int8 quantizes activations with each batch's own
     # range, so the compressed model's outputs depend on which rows share a batch, and the
     # single-process comparison below would not be exact.
@@ -132,11 +135,18 @@ def check_raw_input_equals_training_preprocessing(spark, cfg, result) -> None:
 
     model = mlflow.pyfunc.load_model(result.model_uri)
     served = np.stack(model.predict(raw_rows[spec.input_columns])["probabilities"])
+    # Missing values pass MLflow's schema check: a missing number is filled, a category unknown.
+    gaps = raw_rows[spec.input_columns].head(3).copy()
+    gaps.loc[0, "x0"], gaps.loc[1, "cat_a"] = np.nan, None
+    filled = np.stack(model.predict(gaps)["probabilities"])
+    np.testing.assert_allclose(filled.sum(axis=1), 1.0, rtol=1e-5)
     network = mlflow.pytorch.load_model(str(local / "artifacts" / "network"))
     with torch.no_grad():
         logits = network(
-            torch.tensor(prepared[spec.numeric].to_numpy(np.float32)),
-            torch.tensor(prepared[spec.categorical_names].to_numpy(np.int64)),
+            {
+                "numeric": torch.tensor(prepared[spec.numeric].to_numpy(np.float32)),
+                "categorical": torch.tensor(prepared[spec.categorical_names].to_numpy(np.int64)),
+            }
         )
     np.testing.assert_allclose(served, torch.softmax(logits, 1).numpy(), rtol=1e-4, atol=1e-6)
 

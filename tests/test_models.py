@@ -168,7 +168,7 @@ def test_linear_model_is_logistic_regression_on_one_hot_categories():
 
 
 def test_a_user_factory_is_imported_and_given_the_spec_and_options(tmp_path, monkeypatch):
-    package = tmp_path / "my_pkg"
+    package = tmp_path / "factory_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "models.py").write_text(
@@ -178,9 +178,9 @@ def test_a_user_factory_is_imported_and_given_the_spec_and_options(tmp_path, mon
         "    return nn.Sequential(first, nn.Linear(width, spec.output_size))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    model = build_model(ModelConfig(name="my_pkg.models:build", options={"width": 6}), SPEC)
+    model = build_model(ModelConfig(name="factory_pkg.models:build", options={"width": 6}), SPEC)
     assert model[0].out_features == 6 and model[1].out_features == 3
     with pytest.raises(ValueError, match=r"cannot import 'no_such_pkg\.models'"):
         build_model(ModelConfig(name="no_such_pkg.models:build"), SPEC)
     with pytest.raises(ValueError, match="has no function 'nope'"):
-        build_model(ModelConfig(name="my_pkg.models:nope"), SPEC)
+        build_model(ModelConfig(name="factory_pkg.models:nope"), SPEC)

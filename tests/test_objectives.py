@@ -61,9 +61,11 @@ def test_regression_mse_mae_r2():
 def test_custom_loss_and_metric_by_name(tmp_path, monkeypatch):
     (tmp_path / "user_fns.py").write_text(
         "def l1(outputs, labels, weights):\n"
-        "    return (outputs[:, 0] - labels).abs().mean()\n"
+        "    assert outputs.shape == labels.shape  # regression: [rows], as the labels\n"
+        "    return (outputs - labels).abs().mean()\n"
         "def over(outputs, labels):\n"
-        "    return (outputs[:, 0] > labels).float()\n"
+        "    assert outputs.shape == labels.shape\n"
+        "    return (outputs > labels).float()\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = TrainConfig(loss="user_fns:l1", metrics=["user_fns:over"])

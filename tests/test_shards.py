@@ -283,3 +283,45 @@ def test_bad_values_fail_or_are_dropped_or_filled_as_configured(spark):
     assert rows == 4
     assert sorted(r["a"] for r in filled.collect()) == [-1.0, -1.0, 1.0, 5.0]
     assert quality["rows_filled"] == 2 and quality["rows_dropped"] == 0
+
+
+def test_arrays_text_and_weights_are_checked_cleaned_and_tokenised_like_serving(spark):
+    from lepton_spark.serving import token_ids
+
+    df = spark.createDataFrame(
+        [
+            ([1.0, 2.0], "A good film, GOOD!", 1.0, 0),
+            (None, "bad", 1.0, 1),
+            ([1.0, float("nan")], None, 2.0, 1),
+            ([3.0, 4.0], None, 0.5, 0),
+            ([5.0, 6.0], "bad film", -1.0, 1),
+        ],
+        "v array<double>, t string, w double, y long",
+    )
+    cfg = dict(
+        arrays=[{"name": "v"}],
+        text=[{"name": "t", "max_length": 4}],
+        weight="w",
+        label="y",
+        num_classes=2,
+    )
+    with pytest.raises(DataError, match=r"'w': 1 rows, 'v': 2 rows \(a negative weight"):
+        build_features(df, FeatureSpecConfig(**cfg))
+    features, spec, rows = build_features(df, FeatureSpecConfig(**cfg, nulls="drop"))
+    assert rows == 2 and spec.arrays[0].shape == [2] and spec.weight == "w"
+    text = spec.texts[0]
+    # Counted over the rows kept: good ×2, a, film ×1 (ties by word).
+    assert text.vocabulary == ["good", "a", "film"]
+    got = features.orderBy("w").collect()
+    assert [r["v"] for r in got] == [[3.0, 4.0], [1.0, 2.0]]
+    ids = token_ids(
+        ["", "A good film, GOOD!"], {w: i + 2 for i, w in enumerate(text.vocabulary)}, 4
+    )
+    assert [r["t"] for r in got] == ids.tolist() == [[0, 0, 0, 0], [3, 2, 4, 2]]
+
+    uneven = spark.createDataFrame([([1.0], 0), ([1.0, 2.0], 1)], "v array<double>, y long")
+    with pytest.raises(DataError, match=r"rows of 1\.\.2 values"):
+        build_features(uneven, FeatureSpecConfig(arrays=[{"name": "v"}], label="y"))
+    floats = spark.createDataFrame([(1.0, 2.5, 0)], "a double, code double, y long")
+    with pytest.raises(DataError, match="cast it in the transform"):
+        build_features(floats, FeatureSpecConfig(numeric=["a"], categorical=["code"], label="y"))
