@@ -18,13 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import pandas as pd
-import torch
 import yaml
 from pyspark.sql import SparkSession
 
-from lepton_spark import __version__, plots, serving
+from lepton_spark import __version__, publish, serving
 from lepton_spark.barrier import (
     BarrierError,
     BarrierSettings,
@@ -33,19 +30,16 @@ from lepton_spark.barrier import (
     run_barrier,
 )
 from lepton_spark.checkpoint import CHECKPOINT_NAME
-from lepton_spark.compress import compress, measure
 from lepton_spark.config import PipelineConfig, load_config
 from lepton_spark.errors import InputError
 from lepton_spark.etl import DataError, prepare, spark_session
 from lepton_spark.fingerprint import dataset_fingerprint
 from lepton_spark.manifest import Manifest, SkewReport
-from lepton_spark.models import build_model
 from lepton_spark.progress import ConsoleProgress
 from lepton_spark.redact import redact_text, redact_tree
-from lepton_spark.registry import register, register_variant
+from lepton_spark.registry import register
 from lepton_spark.shardio import find_committed
 from lepton_spark.shards import ShardSet, write_shards
-from lepton_spark.spec import FeatureSpec
 from lepton_spark.storage import Location, locate
 from lepton_spark.tracking import (
     RUN_KEY_TAG,
@@ -295,44 +289,6 @@ def skew_warnings(cfg: PipelineConfig, reports: dict[str, SkewReport]) -> list[s
     ]
 
 
-def raw_example(spark: SparkSession, cfg: PipelineConfig, rows: int = 5) -> pd.DataFrame:
-    """A few rows of the transform's output, the model's input columns as the user has them."""
-    from pyspark.sql import functions as F
-
-    from lepton_spark.etl import is_vector, load_and_transform
-
-    f = cfg.features
-    columns = [*f.numeric, *f.categorical, *(a.name for a in f.arrays), *(t.name for t in f.text)]
-    df = load_and_transform(spark, cfg).select(*columns).limit(rows)
-    for a in f.arrays:  # Spark ML vectors as plain lists, as a pandas user would pass them
-        if is_vector(df.schema[a.name].dataType):
-            from pyspark.ml.functions import vector_to_array
-
-            df = df.withColumn(a.name, vector_to_array(F.col(a.name)))
-    return df.toPandas()
-
-
-def trained_network(cfg: PipelineConfig, spec: FeatureSpec, result: TrainResult) -> torch.nn.Module:
-    """The network with rank 0's trained weights, for serving (eval mode, on the CPU)."""
-    model = build_model(cfg.model, spec)
-    model.load_state_dict(result.load_state_dict())
-    return model.eval()
-
-
-def _pip_requirements() -> list[str]:
-    import importlib.metadata as md
-
-    # lepton-spark itself travels inside the model (code_paths); these load it.
-    return [
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"numpy=={np.__version__}",
-        f"pandas=={pd.__version__}",
-        f"pyarrow=={md.version('pyarrow')}",
-        f"pydantic=={md.version('pydantic')}",
-        f"mlflow=={md.version('mlflow')}",
-    ]
-
-
 def _events_to_mlflow(run: TrackedRun) -> Callable[[dict[str, Any]], None]:
     """Rank 0's events as MLflow metrics and tags. Metrics go through MLflow's asynchronous
     logger: queued here, sent in batches; nothing on the ranks waits for the store."""
@@ -518,12 +474,12 @@ def run_pipeline(
         if attempts > 1:
             warnings.append(f"training needed {attempts} attempts; it resumed from checkpoints")
         chief = results[0]
-        network = trained_network(cfg, manifest.feature_spec, chief)
-        log_pictures(run, chief, network, shard_set)
-        example = raw_example(spark, cfg)
+        network = publish.trained_network(cfg, manifest.feature_spec, chief)
+        publish.log_pictures(run, chief, network, shard_set)
+        example = publish.raw_example(spark, cfg)
         with _timed(timings, "model_logging"):
             model_uri = serving.log_model(
-                network, manifest.feature_spec, example, pip_requirements=_pip_requirements()
+                network, manifest.feature_spec, example, pip_requirements=publish.pip_requirements()
             )
         run.set_tags({"model_uri": model_uri})
         version = None
@@ -534,7 +490,7 @@ def run_pipeline(
             )
         if cfg.compress.enabled:
             with _timed(timings, "compression"):
-                log_compressed(run, cfg, shard_set, network, example, version)
+                publish.log_compressed(run, cfg, shard_set, network, example, version)
         run.log_json(chief.history, "history.json")
         final = {k: v for k, v in chief.history[-1].items() if k != "epoch"}
         if manifest.feature_spec.task == "clustering":  # the final centroids' costs
@@ -542,7 +498,7 @@ def run_pipeline(
         baseline: dict[str, float] = {}
         if cfg.baseline.mllib:
             with _timed(timings, "baseline"):
-                baseline = mllib_baseline(spark, cfg, manifest, run)
+                baseline = publish.mllib_baseline(spark, cfg, manifest, run)
         run.log_metrics({f"time_{k}_s": v for k, v in timings.items()}, step=0)
         keep_checkpoint(run, checkpoints)
         return PipelineResult(
@@ -563,148 +519,6 @@ def run_pipeline(
             registered_version=version,
             baseline=baseline,
         )
-
-
-def validation_batches(shard_set: ShardSet) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
-    """The validation split as ``(model inputs, labels)`` batches (on the driver)."""
-    from lepton_spark.loader import Layout, record_batches
-
-    layout = Layout.of(shard_set.manifest.feature_spec)
-    for shard in shard_set.manifest.split("validation").shards:
-        for batch in record_batches(locate(shard_set.folder).child(shard.path), layout):
-            yield layout.inputs(batch), batch.label.numpy()
-
-
-def log_compressed(
-    run: TrackedRun,
-    cfg: PipelineConfig,
-    shard_set: ShardSet,
-    network: torch.nn.Module,
-    example: pd.DataFrame,
-    trained_version: str | None,
-) -> None:
-    """Compress the trained network (``cfg.compress``), measure both, log the compressed one as
-    the run's ``model_compressed`` and, with a registered model, as a version of its own."""
-    compressed = compress(network, cfg.compress)
-    report = measure(network, compressed, validation_batches(shard_set), cfg.compress)
-    log.info("compression %s", report.summary())
-    run.log_json(report.as_dict(), "compression/report.json")
-    run.log_text(report.summary() + "\n", "compression/report.txt")
-    run.log_metrics(
-        {
-            "model_size_bytes": report.before.size_bytes,
-            "model_latency_ms_per_batch": report.before.latency_ms,
-            "compressed_size_bytes": report.after.size_bytes,
-            "compressed_latency_ms_per_batch": report.after.latency_ms,
-            "compressed_val_accuracy": report.after.accuracy,
-            "compression_accuracy_cost": report.accuracy_cost,
-        },
-        step=0,
-    )
-    uri = serving.log_model(
-        compressed,
-        shard_set.manifest.feature_spec,
-        example,
-        pip_requirements=_pip_requirements(),
-        name="model_compressed",
-    )
-    tags = {"compression": report.method, "compressed_model_uri": uri}
-    if cfg.tracking.registered_model:
-        version = register_variant(
-            uri,
-            cfg.tracking.registered_model,
-            report.method,
-            {"val_accuracy": report.after.accuracy},
-            trained_version,
-        )
-        tags["registry.compressed_version"] = version
-    run.set_tags(tags)
-
-
-def log_pictures(
-    run: TrackedRun, result: TrainResult, network: torch.nn.Module, shard_set: ShardSet
-) -> None:
-    """Learning curves (with the per-step loss read back from MLflow), and the confusion matrix
-    (classification) or the residual plot (regression, from the validation split on the driver)."""
-    run.flush()
-    step_loss = sorted(
-        (m.step, m.value) for m in run.client.get_metric_history(run.run_id, "train_loss_step")
-    )
-    run.log_image(
-        plots.learning_curves(result.history, step_loss, result.steps_per_epoch),
-        "plots/learning_curves.png",
-    )
-    if result.confusion is not None:
-        run.log_json(result.confusion, "confusion_matrix.json")
-        run.log_image(plots.confusion_matrix(result.confusion), "plots/confusion_matrix.png")
-    if shard_set.manifest.feature_spec.task == "regression":
-        predicted, actual = [], []
-        with torch.inference_mode():
-            for inputs, labels in validation_batches(shard_set):
-                predicted.append(network(inputs)[:, 0].float().numpy())
-                actual.append(labels)
-        if predicted:
-            run.log_image(
-                plots.residuals(np.concatenate(predicted), np.concatenate(actual)),
-                "plots/residuals.png",
-            )
-
-
-def mllib_baseline(
-    spark: SparkSession, cfg: PipelineConfig, manifest: Manifest, run: TrackedRun
-) -> dict[str, float]:
-    """Spark MLlib on the same split (ETL again: the split is seeded), logged as ``mllib_*``:
-    logistic regression, linear regression or k-means by the task."""
-    from lepton_spark import baselines
-
-    prepared = prepare(spark, cfg)
-    try:
-        spec = prepared.feature_spec
-        if prepared.rows != sum(s.rows for s in manifest.splits.values()):
-            log.warning("the baseline's rows differ from the shards' (the source changed?)")
-        categorical = {c.name: c.cardinality for c in spec.categorical}
-        if spec.task == "classification":
-            assert spec.label is not None and spec.num_classes is not None
-            result = baselines.logistic_regression(
-                prepared.train,
-                prepared.validation,
-                numeric=spec.numeric,
-                categorical=categorical,
-                label=spec.label,
-                num_classes=spec.num_classes,
-                max_iter=cfg.baseline.max_iter,
-            )
-        elif spec.task == "regression":
-            assert spec.label is not None
-            result = baselines.linear_regression(
-                prepared.train,
-                prepared.validation,
-                numeric=spec.numeric,
-                categorical=categorical,
-                label=spec.label,
-                max_iter=cfg.baseline.max_iter,
-            )
-        else:
-            result = baselines.kmeans(
-                prepared.train,
-                features=spec.numeric,
-                k=int(cfg.model.options.get("k", 8)),
-                seed=cfg.train.seed,
-                max_iter=cfg.baseline.max_iter,
-            )
-    finally:
-        prepared.release()
-    metrics = {f"mllib_{k}": float(v) for k, v in result.metrics.items()}
-    metrics["mllib_train_seconds"] = result.train_seconds
-    run.log_metrics(metrics, step=0)
-    run.set_tags({"baseline": result.name})
-    log.info(
-        "Spark MLlib %s: %s (fit %.1f s)",
-        result.name,
-        ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()),
-        result.train_seconds,
-    )
-    return metrics
 
 
 def keep_checkpoint(run: TrackedRun, folder: Location) -> None:

@@ -233,8 +233,8 @@ def log_model(
 
     scorer = Scorer(spec, network)
     example_output = scorer.predict_frame(raw_example)
-    signature = _signature(spec, raw_example, example_output)
     with tempfile.TemporaryDirectory(prefix="lepton-model-") as tmp, _quiet_mlflow():
+        signature = _signature(spec, raw_example, example_output)
         spec_file = Path(tmp) / "feature_spec.json"
         spec_file.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
         network_dir = Path(tmp) / "network"
