@@ -56,6 +56,13 @@ def run(
     pipeline: Annotated[
         Path, typer.Argument(help="Pipeline YAML file, e.g. pipelines/tabular_demo.yaml")
     ],
+    more: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="More KEY=VALUE overrides, so that --set train.lr=0.01 train.epochs=5 sets both.",
+            show_default=False,
+        ),
+    ] = None,
     master: Annotated[
         str | None, typer.Option(help="Spark master (overrides spark.master).")
     ] = None,
@@ -95,7 +102,7 @@ def run(
     from lepton_spark.errors import InputError
 
     try:
-        overrides = dict(parse_override(s) for s in set_ or [])
+        overrides = dict(parse_override(s) for s in [*(set_ or []), *(more or [])])
         if master:
             overrides["spark.master"] = master
         if num_workers:

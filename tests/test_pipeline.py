@@ -128,6 +128,23 @@ def test_cli_bad_config_fails_with_the_field_named_and_exit_code_2(tmp_path):
     assert not (tmp_path / "mlruns-data").exists()
 
 
+def test_cli_set_takes_several_overrides_at_once(tmp_path):
+    # --set train.lr=0.01 train.epochs=0: the second one is read too (and refused).
+    proc = run_cli(
+        "run",
+        str(ROOT / "pipelines" / "tabular_demo.yaml"),
+        "--set",
+        "train.lr=0.01",
+        "train.epochs=0",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "train.epochs" in proc.stderr
+    proc = run_cli("run", str(ROOT / "pipelines" / "tabular_demo.yaml"), "oops", cwd=tmp_path)
+    assert proc.returncode == 2 and "must look like section.key=value" in proc.stderr
+
+
 def test_cli_missing_source_path_is_named(tmp_path):
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(
