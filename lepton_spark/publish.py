@@ -166,28 +166,19 @@ def mllib_baseline(
         spec = prepared.feature_spec
         if prepared.rows != sum(s.rows for s in manifest.splits.values()):
             log.warning("the baseline's rows differ from the shards' (the source changed?)")
-        categorical = {c.name: c.cardinality for c in spec.categorical}
+        supervised = {
+            "numeric": spec.numeric,
+            "categorical": {c.name: c.cardinality for c in spec.categorical},
+            "label": spec.label,
+            "max_iter": cfg.baseline.max_iter,
+        }
         if spec.task == "classification":
-            assert spec.label is not None and spec.num_classes is not None
+            assert spec.num_classes is not None
             result = baselines.logistic_regression(
-                prepared.train,
-                prepared.validation,
-                numeric=spec.numeric,
-                categorical=categorical,
-                label=spec.label,
-                num_classes=spec.num_classes,
-                max_iter=cfg.baseline.max_iter,
+                prepared.train, prepared.validation, num_classes=spec.num_classes, **supervised
             )
         elif spec.task == "regression":
-            assert spec.label is not None
-            result = baselines.linear_regression(
-                prepared.train,
-                prepared.validation,
-                numeric=spec.numeric,
-                categorical=categorical,
-                label=spec.label,
-                max_iter=cfg.baseline.max_iter,
-            )
+            result = baselines.linear_regression(prepared.train, prepared.validation, **supervised)
         else:
             result = baselines.kmeans(
                 prepared.train,

@@ -151,6 +151,23 @@ def check_raw_input_equals_training_preprocessing(spark, cfg, result) -> None:
     np.testing.assert_allclose(served, torch.softmax(logits, 1).numpy(), rtol=1e-4, atol=1e-6)
 
 
+def score_cli(table, out, server: str, *more: str):
+    """``lepton-spark score`` with the champion, as the README shows it."""
+    return run_cli(
+        "score",
+        "--model",
+        f"models:/{NAME}@champion",
+        "--input",
+        str(table),
+        "--output",
+        str(out),
+        "--tracking-uri",
+        server,
+        *more,
+        cwd=out.parent,
+    )
+
+
 def check_scoring(spark, cfg, tmp_path, server: str) -> None:
     table = tmp_path / "tomorrow.parquet"
     source = load_and_transform(spark, cfg.with_overrides({"sources.events.generate.seed": 99}))
@@ -160,22 +177,7 @@ def check_scoring(spark, cfg, tmp_path, server: str) -> None:
     rows = spark.read.parquet(str(table)).count()
 
     out = tmp_path / "scored"
-    proc = run_cli(
-        "score",
-        "--model",
-        f"models:/{NAME}@champion",
-        "--input",
-        str(table),
-        "--output",
-        str(out),
-        "--key",
-        "id",
-        "--master",
-        "local[2]",
-        "--tracking-uri",
-        server,
-        cwd=tmp_path,
-    )
+    proc = score_cli(table, out, server, "--key", "id", "--master", "local[2]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"scored {rows:,} rows" in proc.stderr.replace("\n", " ")
     scored = pd.read_parquet(out).sort_values("id").reset_index(drop=True)
@@ -208,17 +210,6 @@ def check_scoring(spark, cfg, tmp_path, server: str) -> None:
     with pytest.raises(ScoringError, match=r"lacks the model's columns \['x0'\]"):
         score(spark, f"models:/{NAME}@champion", str(no_x0), str(tmp_path / "x"), keys=["id"])
     assert not (tmp_path / "x").exists()
-    proc = run_cli(
-        "score",
-        "--model",
-        f"models:/{NAME}@champion",
-        "--input",
-        str(table),
-        "--output",
-        str(out),
-        "--tracking-uri",
-        server,
-        cwd=tmp_path,
-    )
+    proc = score_cli(table, out, server)
     assert proc.returncode == 2
     assert "exists; --overwrite replaces it" in proc.stderr
