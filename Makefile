@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lepton-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format lock clean bench bench-data-path bench-memory \
+.PHONY: setup demo test test-fast lint format lock clean config-reference bench bench-data-path bench-memory \
 	bench-scaling bench-petastorm bench-petastorm-env bench-recovery bench-scoring bench-tracking wheel cluster-up cluster-down airflow-env
 
 $(STAMP): pyproject.toml constraints.txt scripts/install_horovod.sh
@@ -44,8 +44,10 @@ airflow-env:
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Plain Python only (markers come from tests/conftest.py): no Spark, no Horovod ranks, not slow.
+# -m "not slow" adds the quick Spark and barrier-stage tests (about 5 minutes on 2 cores).
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "unit and not slow" $(PYTEST_ARGS)
 
 # Benchmarks: measured side by side in one run, never timed tests (shared machines are noisy).
 bench: bench-data-path bench-memory bench-scaling bench-petastorm bench-scoring bench-tracking
@@ -85,6 +87,10 @@ $(PETASTORM_STAMP):
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# docs/config-reference.md from the config's pydantic models (a test fails when it is stale).
+config-reference: setup
+	$(BIN)/python scripts/config_reference.py
 
 format: setup
 	$(BIN)/ruff check --fix .

@@ -17,8 +17,8 @@ import pyarrow as pa
 import torch
 
 from lepton_spark.config import ModelConfig
-from lepton_spark.manifest import Manifest
-from lepton_spark.shardio import write_local_shards
+from lepton_spark.shards.local import write_local_shards
+from lepton_spark.shards.manifest import Manifest
 from lepton_spark.spec import CategoricalFeature, FeatureSpec
 
 RESULTS = Path(os.environ.get("LEPTON_BENCH_RESULTS", Path(__file__).parent / "results"))
@@ -52,8 +52,8 @@ def synthetic_table(rows: int, seed: int) -> pa.Table:
 
 def committed(folder: Path) -> Manifest | None:
     """The benchmark folder's manifest, or ``None`` when it has to be written (again)."""
-    from lepton_spark.manifest import ShardError
-    from lepton_spark.shardio import find_committed
+    from lepton_spark.errors import ShardError
+    from lepton_spark.shards.commit import find_committed
 
     try:
         return find_committed(folder)[0]

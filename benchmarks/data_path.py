@@ -30,10 +30,10 @@ from benchmarks._common import (
     timed,
 )
 from lepton_spark.config import ModelConfig
-from lepton_spark.loader import Batch, Layout, ShardLoader, record_batches
-from lepton_spark.manifest import Manifest
 from lepton_spark.models import build_model
-from lepton_spark.shardio import row_bytes
+from lepton_spark.shards.format import row_bytes
+from lepton_spark.shards.loader import Batch, Layout, ShardLoader, record_batches
+from lepton_spark.shards.manifest import Manifest
 
 # About 10× fewer multiply-adds per row than the demo MLP (25→128→64→2: 11.5k; 25→40→2: 1.1k).
 LIGHT_MODEL = ModelConfig(hidden=[40], embedding_dim=8)

@@ -15,13 +15,13 @@ import sys
 import time
 
 from benchmarks._common import SPEC, WORK, report, run_json, synthetic_shards
-from lepton_spark.shardio import row_bytes
+from lepton_spark.shards.format import row_bytes
 
 
 def stream(folder: str) -> dict[str, float]:
     """Child process: one shuffled epoch over every shard; peak RSS in MB."""
-    from lepton_spark.loader import Layout, ShardLoader
-    from lepton_spark.manifest import read_manifest
+    from lepton_spark.shards.loader import Layout, ShardLoader
+    from lepton_spark.shards.manifest import read_manifest
 
     manifest = read_manifest(folder)
     split = manifest.split("train")

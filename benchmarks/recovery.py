@@ -20,7 +20,7 @@ from typing import Any
 from benchmarks._common import report
 from lepton_spark import run_pipeline
 from lepton_spark.config import load_config
-from lepton_spark.etl import spark_session
+from lepton_spark.data.session import spark_session
 
 ROOT = Path(__file__).resolve().parents[1]
 STALL_S = 10.0
@@ -86,10 +86,10 @@ def main() -> None:
             "kill_failure_reported_to_training_again_s": kill_recovery,
             "hang_stall_start_to_training_again_s": hang_recovery,
             "stall_timeout_s": STALL_S,
-            "val_accuracy": {
-                "clean": clean.metrics["val_accuracy"],
-                "kill": killed.metrics["val_accuracy"],
-                "hang": hung.metrics["val_accuracy"],
+            "val/accuracy": {
+                "clean": clean.metrics["val/accuracy"],
+                "kill": killed.metrics["val/accuracy"],
+                "hang": hung.metrics["val/accuracy"],
             },
         },
     )

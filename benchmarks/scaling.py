@@ -13,11 +13,12 @@ import argparse
 import functools
 
 from benchmarks._common import SPEC, WORK, committed, median, report, synthetic_table
-from lepton_spark.barrier import run_barrier
+from lepton_spark.cluster.stage import run_barrier
 from lepton_spark.config import ModelConfig, SparkConfig, TrainConfig
-from lepton_spark.etl import spark_session
-from lepton_spark.shardio import write_local_shards
-from lepton_spark.train import TrainSpec, train_rank
+from lepton_spark.data.session import spark_session
+from lepton_spark.shards.local import write_local_shards
+from lepton_spark.training.job import TrainSpec
+from lepton_spark.training.worker import train_rank
 
 HEAVY_MODEL = ModelConfig(hidden=[1024, 1024], embedding_dim=8)
 
@@ -49,7 +50,7 @@ def run(spark, folder: str, ranks: int, global_batch: int) -> float:
     )
     spec = TrainSpec(shard_folder=folder, train=cfg, model=HEAVY_MODEL, verify_shards=False)
     results = run_barrier(spark, functools.partial(train_rank, spec), ranks)
-    return results[0].history[0]["epoch_seconds"]
+    return results[0].history[0]["train/epoch_seconds"]
 
 
 def main() -> None:

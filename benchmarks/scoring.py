@@ -3,7 +3,7 @@
 The demo's model shape (MLP with embeddings, logged by :func:`lepton_spark.serving.log_model`
 into a scratch MLflow store), a Parquet table of the demo's raw columns plus an ``id``, on
 local[2]. Each round scores the whole table both ways and writes Parquet (``id``, prediction,
-probabilities): (a) ``lepton_spark.scoring.score`` (model loaded once per Python worker,
+probabilities): (a) ``lepton_spark.serving.batch.score`` (model loaded once per Python worker,
 ``mapInArrow``, no pandas), (b) ``spark_udf`` with ``env_manager="local"`` over the same columns,
 ``result_type`` ``prediction long, probabilities array<float>``. Rounds alternate a and b after a
 warm-up round of each; medians of rows/s are compared. The two outputs are checked to be equal.
@@ -24,10 +24,12 @@ import numpy as np
 
 from benchmarks._common import DEMO_MODEL, WORK, median, report
 from lepton_spark.config import load_config
-from lepton_spark.etl import build_features, load_and_transform, spark_session
+from lepton_spark.data.features import build_features
+from lepton_spark.data.session import spark_session
+from lepton_spark.data.sources import load_and_transform
 from lepton_spark.models import build_model
-from lepton_spark.scoring import score
-from lepton_spark.serving import log_model
+from lepton_spark.serving.batch import score
+from lepton_spark.serving.pyfunc import log_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ import psutil
 from benchmarks._common import median, report
 from lepton_spark import run_pipeline
 from lepton_spark.config import load_config
-from lepton_spark.etl import spark_session
+from lepton_spark.data.session import spark_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,12 +83,12 @@ def main() -> None:
 
             result = run_pipeline(cfg, spark=spark, progress=progress)
             arms[name]["driver_cpu_s"].append(marks["end"] - marks["start"])
-            arms[name]["epoch_s"].append(sum(h["epoch_seconds"] for h in result.history))
+            arms[name]["epoch_s"].append(sum(h["train/epoch_seconds"] for h in result.history))
             arms[name]["stage_s"].append(result.timings["training"])
             from mlflow import MlflowClient
 
             logged = MlflowClient(result.tracking_uri).get_metric_history(
-                result.run_id, "train_loss_step"
+                result.run_id, "train/loss_step"
             )
             arms[name]["step_metrics"].append(len(logged))
         print(

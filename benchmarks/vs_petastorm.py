@@ -23,8 +23,8 @@ from pathlib import Path
 from benchmarks._common import SPEC, WORK, report, run_json
 from benchmarks._frame import local_spark, make_frame
 from lepton_spark.config import ShardConfig
-from lepton_spark.loader import Layout, ShardLoader
-from lepton_spark.shards import write_shards
+from lepton_spark.shards.loader import Layout, ShardLoader
+from lepton_spark.shards.writer import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 PETASTORM_PYTHON = ROOT / ".venv-petastorm" / "bin" / "python"

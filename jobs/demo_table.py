@@ -14,7 +14,8 @@ from pathlib import Path
 from pyspark.sql import functions as F
 
 from lepton_spark.config import load_config
-from lepton_spark.etl import load_and_transform, spark_session
+from lepton_spark.data.session import spark_session
+from lepton_spark.data.sources import load_and_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 

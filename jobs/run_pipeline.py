@@ -17,7 +17,7 @@ import logging
 import signal
 import sys
 
-from lepton_spark import interrupts
+from lepton_spark.cluster import interrupts
 from lepton_spark.errors import EXIT_OK, InfrastructureError, InputError, exit_code
 from lepton_spark.redact import redact_text
 
@@ -35,13 +35,13 @@ def main(argv: list[str]) -> int:
     )
     interrupts.install(signal.SIGTERM)  # the MLflow run KILLED, the Spark jobs cancelled
 
-    from lepton_spark.barrier import BarrierError
     from lepton_spark.config import load_config, parse_override
-    from lepton_spark.etl import submitted_session
+    from lepton_spark.data.session import submitted_session
+    from lepton_spark.errors import BarrierError
 
     try:
         cfg = load_config(args.pipeline, dict(parse_override(s) for s in args.overrides))
-        from lepton_spark.pipeline import run_pipeline
+        from lepton_spark.pipeline.run import run_pipeline
 
         # The session is made only when needed: a finished run key needs no Spark at all.
         result = run_pipeline(

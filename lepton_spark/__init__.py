@@ -13,12 +13,12 @@ __all__ = ["PipelineConfig", "__version__", "load_config", "run_pipeline"]
 
 if TYPE_CHECKING:
     from lepton_spark.config import PipelineConfig, load_config
-    from lepton_spark.pipeline import run_pipeline
+    from lepton_spark.pipeline.run import run_pipeline
 
 
 def __getattr__(name: str) -> Any:
     if name == "run_pipeline":
-        from lepton_spark.pipeline import run_pipeline
+        from lepton_spark.pipeline.run import run_pipeline
 
         return run_pipeline
     if name in ("PipelineConfig", "load_config"):

@@ -5,8 +5,9 @@ What MLlib alone achieves, logged side by side with the trained model: a logisti
 features). The features are the numeric columns as they are and each categorical vocabulary
 index one-hot encoded (its cardinality from the caller, not scanned from the data), assembled into
 one vector by a :class:`~pyspark.ml.Pipeline`. Metrics are named like the neural model's
-(``val_accuracy``, ``val_loss``, ``val_mse``...), computed in one aggregation over the validation
-predictions; only those aggregates and the model's small summaries reach the driver.
+(``val/accuracy``, ``val/loss``, ``val/mse``... from :mod:`lepton_spark.names`), computed in one
+aggregation over the validation predictions; only those aggregates and the model's small
+summaries reach the driver.
 
 The assembled training frame is cached while the model is fit (the same pass checks it: rows,
 bad values, label range) and released before the function returns; the validation frame likewise
@@ -30,7 +31,9 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from lepton_spark.errors import InputError
+from lepton_spark.config import PipelineConfig
+from lepton_spark.errors import BaselineError
+from lepton_spark.names import TRAIN_COST, VAL_ACCURACY, VAL_LOSS, VAL_MAE, VAL_MSE, VAL_R2
 
 LOG_LOSS_EPS = 1e-15  # probabilities below this are clipped before the log (as sklearn does)
 
@@ -40,10 +43,6 @@ _PREDICTION = "_baseline_prediction"
 _PROBABILITY = "_baseline_probability"
 _RAW = "_baseline_raw_prediction"
 _ONEHOT = "_baseline_onehot_"
-
-
-class BaselineError(InputError):
-    """The frames or arguments cannot be used for a baseline; the message names the problem."""
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,8 @@ def logistic_regression(
     truth = F.col(label).cast("int")
     p_true = F.try_element_at(vector_to_array(F.col(_PROBABILITY)), truth + 1)
     aggregates = [
-        F.avg((F.col(_PREDICTION) == F.col(label)).cast("double")).alias("val_accuracy"),
-        F.avg(-F.log(F.greatest(p_true, F.lit(LOG_LOSS_EPS)))).alias("val_loss"),
+        F.avg((F.col(_PREDICTION) == F.col(label)).cast("double")).alias(VAL_ACCURACY),
+        F.avg(-F.log(F.greatest(p_true, F.lit(LOG_LOSS_EPS)))).alias(VAL_LOSS),
     ]
     metrics, val_rows = _evaluate(
         validation, numeric, categorical, label, num_classes, fitted.model, aggregates
@@ -166,15 +165,15 @@ def linear_regression(
 
     error = F.col(_PREDICTION) - F.col(label)
     aggregates = [
-        F.avg(error * error).alias("val_mse"),
-        F.avg(F.abs(error)).alias("val_mae"),
+        F.avg(error * error).alias(VAL_MSE),
+        F.avg(F.abs(error)).alias(VAL_MAE),
         F.var_pop(label).alias("variance"),
     ]
     metrics, val_rows = _evaluate(
         validation, numeric, categorical, label, None, fitted.model, aggregates
     )
     variance = metrics.pop("variance")
-    metrics["val_r2"] = 1.0 - metrics["val_mse"] / variance if variance > 0 else math.nan
+    metrics[VAL_R2] = 1.0 - metrics[VAL_MSE] / variance if variance > 0 else math.nan
     return BaselineResult(
         name="mllib_linear_regression",
         metrics=metrics,
@@ -236,7 +235,7 @@ def kmeans(
     fitted.release()
     return BaselineResult(
         name="mllib_kmeans",
-        metrics={"train_cost": cost},
+        metrics={TRAIN_COST: cost},
         train_seconds=fitted.seconds,
         total_seconds=time.perf_counter() - start,
         details=details,
@@ -466,3 +465,28 @@ def _evaluate(
         prepared.unpersist()
     assert row is not None
     return {name: float(value) for name, value in row.asDict().items()}, rows
+
+
+def for_pipeline(
+    train: DataFrame, validation: DataFrame, spec: Any, cfg: PipelineConfig
+) -> BaselineResult:
+    """The baseline that fits the pipeline's task, on its prepared split (``spec``: the
+    :class:`~lepton_spark.spec.FeatureSpec` ETL made): logistic regression, linear regression
+    or k-means with the model's ``k``."""
+    supervised = {
+        "numeric": spec.numeric,
+        "categorical": {c.name: c.cardinality for c in spec.categorical},
+        "label": spec.label,
+        "max_iter": cfg.baseline.max_iter,
+    }
+    if spec.task == "classification":
+        return logistic_regression(train, validation, num_classes=spec.num_classes, **supervised)
+    if spec.task == "regression":
+        return linear_regression(train, validation, **supervised)
+    return kmeans(
+        train,
+        features=spec.numeric,
+        k=int(cfg.model.options.get("k", 8)),
+        seed=cfg.train.seed,
+        max_iter=cfg.baseline.max_iter,
+    )

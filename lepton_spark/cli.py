@@ -1,9 +1,7 @@
 """``lepton-spark``: the command line.
 
-Exit codes (:mod:`lepton_spark.errors`): 0 success, or the run key's run had finished already;
-2 bad input (config, data, shards: a retry will not help until someone fixes it); 3 training
-failed (a rank's error, after the retries); 4 infrastructure (too few Spark slots or GPUs, a
-stalled rank after the retries: a later retry may help); 130 interrupted (Ctrl-C, SIGTERM).
+Exit codes: :mod:`lepton_spark.errors` (0 success or nothing to do, 2 bad input, 3 training
+failed, 4 infrastructure, 130 interrupted).
 """
 
 from __future__ import annotations
@@ -22,9 +20,17 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from lepton_spark import interrupts
-from lepton_spark.config import ConfigError, load_config, parse_override
-from lepton_spark.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, InfrastructureError, exit_code
+from lepton_spark.cluster import interrupts
+from lepton_spark.config import load_config, parse_override
+from lepton_spark.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    BarrierError,
+    ConfigError,
+    InfrastructureError,
+    InputError,
+    exit_code,
+)
 from lepton_spark.redact import redact_text
 
 app = typer.Typer(
@@ -98,9 +104,6 @@ def run(
     ] = False,
 ) -> None:
     """Run a pipeline end to end and print where the results are."""
-    from lepton_spark.barrier import BarrierError
-    from lepton_spark.errors import InputError
-
     try:
         overrides = dict(parse_override(s) for s in [*(set_ or []), *(more or [])])
         if master:
@@ -111,7 +114,7 @@ def run(
     except ConfigError as err:
         _fail(str(err), EXIT_BAD_INPUT)
 
-    from lepton_spark.pipeline import run_pipeline
+    from lepton_spark.pipeline.run import run_pipeline
 
     # A scheduler's SIGTERM ends the run like Ctrl-C: MLflow run KILLED, Spark jobs cancelled.
     interrupts.install(signal.SIGTERM)
@@ -180,8 +183,8 @@ def promote(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from lepton_spark.registry import promote as promote_version
-    from lepton_spark.tracking import resolve_tracking
+    from lepton_spark.tracking.registry import promote as promote_version
+    from lepton_spark.tracking.target import resolve_tracking
 
     try:
         cfg = load_config(pipeline)
@@ -233,9 +236,9 @@ def score(
     import mlflow
 
     from lepton_spark.config import SparkConfig, TrackingConfig
-    from lepton_spark.etl import spark_session
-    from lepton_spark.scoring import score as score_table
-    from lepton_spark.tracking import resolve_tracking
+    from lepton_spark.data.session import spark_session
+    from lepton_spark.serving.batch import score as score_table
+    from lepton_spark.tracking.target import resolve_tracking
 
     mlflow.set_tracking_uri(resolve_tracking(TrackingConfig(), tracking_uri).tracking_uri)
     interrupts.install(signal.SIGTERM)
@@ -279,7 +282,8 @@ def cluster_up(
     folder: Annotated[Path, typer.Option(help="Logs, work folders, state.")] = CLUSTER_FOLDER,
 ) -> None:
     """Start a master and workers; print the master URL to pass to --master."""
-    from lepton_spark.standalone import ClusterError, StandaloneCluster
+    from lepton_spark.cluster.standalone import StandaloneCluster
+    from lepton_spark.errors import ClusterError
 
     running = StandaloneCluster.load(folder)
     if running is not None:
@@ -304,7 +308,7 @@ def cluster_down(
     folder: Annotated[Path, typer.Option(help="The folder given to 'up'.")] = CLUSTER_FOLDER,
 ) -> None:
     """Stop the cluster started by 'up' (its executors too)."""
-    from lepton_spark.standalone import StandaloneCluster
+    from lepton_spark.cluster.standalone import StandaloneCluster
 
     running = StandaloneCluster.load(folder.resolve())
     if running is None:

@@ -1,10 +1,23 @@
-"""What can go wrong, sorted by what a scheduler should do about it.
+"""Every error lepton-spark raises on purpose, sorted by what a scheduler should do about it.
 
-``InputError``: the config, the data or the shards cannot be used as they are; running again
-will not help until someone changes them (exit code 2). ``InfrastructureError``: the cluster
-cannot run the job now (too few slots, a stalled or lost rank); a later retry may succeed
-(exit code 4). A training failure that is neither (a rank's exception in the model code) is
-exit code 3. :func:`exit_code` is the one mapping; the CLI and the docs use it.
+Three kinds, and the exit code each gives ``lepton-spark run`` / ``score`` (:func:`exit_code` is the
+one mapping; the CLI, ``jobs/`` and the docs use it):
+
+========  ==========================  ==========================================================
+code      kind                        meaning, and whether a retry helps
+========  ==========================  ==========================================================
+``0``     –                           success, or the run key's run had finished already
+``2``     :class:`InputError`         the config, the data, the shards or a path cannot be used as
+                                      they are: no retry helps until someone changes them
+``3``     anything else               training failed (a rank's exception in model code) after
+                                      ``train.retries``: perhaps, look at the error
+``4``     :class:`InfrastructureError` the cluster cannot run the job now (too few slots or GPUs,
+                                      a rank stalled or lost after the retries): yes, later
+``130``   ``KeyboardInterrupt``       Ctrl-C or a scheduler's SIGTERM: the MLflow run is KILLED
+========  ==========================  ==========================================================
+
+Each class is re-exported by the module that raises it (``lepton_spark.config.ConfigError``,
+``lepton_spark.cluster.stage.BarrierError``...), so either import works.
 """
 
 from __future__ import annotations
@@ -17,11 +30,60 @@ EXIT_INTERRUPTED = 130
 
 
 class InputError(ValueError):
-    """Bad input: the message names the file, field, column or shard at fault."""
+    """Bad input: the message names the file, field, column or shard at fault (exit 2)."""
 
 
 class InfrastructureError(RuntimeError):
-    """The cluster, not the input: too few slots, a stalled or lost rank."""
+    """The cluster, not the input: too few slots, a stalled or lost rank (exit 4)."""
+
+
+# -- bad input (exit 2) ----------------------------------------------------------------------------
+
+
+class ConfigError(InputError):
+    """The pipeline file cannot be used as it is; the message names the file and the field."""
+
+
+class DataError(InputError):
+    """The input data cannot be trained on; the message names the source or column."""
+
+
+class ShardError(InputError):
+    """A shard folder is missing, incomplete or does not match its manifest."""
+
+
+class ScoringError(InputError):
+    """The model, the input or the output place of a scoring job cannot be used."""
+
+
+class BaselineError(InputError):
+    """The frames or arguments cannot be used for an MLlib baseline."""
+
+
+# -- the barrier stage: exit 3, or 2/4 by the subclass ---------------------------------------------
+
+
+class BarrierError(RuntimeError):
+    """The barrier stage failed; the message names the rank and host when one failed (exit 3)."""
+
+
+class RankInputError(BarrierError, InputError):
+    """A rank found bad input (a shard that does not match its manifest, too few rows) (exit 2)."""
+
+
+class SlotsError(BarrierError, InfrastructureError):
+    """The cluster cannot run all ranks at once (exit 4)."""
+
+
+class StallError(BarrierError, InfrastructureError):
+    """No rank made progress within the stall timeout; the message names the ranks (exit 4)."""
+
+
+# -- tools -----------------------------------------------------------------------------------------
+
+
+class ClusterError(RuntimeError):
+    """The local standalone cluster did not come up (the message points at its logs)."""
 
 
 def exit_code(err: BaseException) -> int:

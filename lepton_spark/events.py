@@ -1,150 +1,137 @@
-"""One channel from the ranks to the driver: newline-delimited JSON over TCP.
+"""The messages from the ranks to the driver: typed, versioned, validated where they arrive.
 
-The driver owns the MLflow run and the console; ranks send progress and metrics here and the
-driver logs them as they arrive. This works whether the tracking store is a server the executors
-could reach or a local sqlite file they cannot. The server binds to the driver's own address,
-accepts only messages carrying its random token, and lives only as long as the barrier stage.
+A rank reports what it does as it happens; the driver turns the reports into console output,
+MLflow metrics and the stall watch's view. The transport (:mod:`lepton_spark.cluster.channel`)
+moves them as one JSON object per line; :func:`encode` and :func:`decode` are the only ways
+in and out, so a message that does not match its schema (a wrong type, a missing or unknown field,
+another version) is refused at the door instead of surprising a consumer later.
+
+=============  ================  ==========================================================
+``event``      sent by           what it says
+=============  ================  ==========================================================
+``start``      rank 0            the attempt started: ranks, device, precision, epochs, steps
+``progress``   rank 0            every ``train.progress_every_steps`` steps: loss, throughput
+``epoch``      rank 0            an epoch's allreduced metrics (named as in :mod:`.names`)
+``heartbeat``  every rank        where the rank is (:class:`Phase`), once a second if it moved
+``rank_failed``every rank's task  the rank's error, and whether it was bad input
+``rendezvous`` rank 0's task     where the Horovod rendezvous server listens
+``retry``      the driver        the training stage runs again (for the console)
+=============  ================  ==========================================================
+
+Pure pydantic: importable by the ranks without Spark or MLflow.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import secrets
-import socket
-import socketserver
-import threading
-import time
-from collections.abc import Callable
-from typing import Any
+from enum import IntEnum
+from typing import Annotated, Any, Literal
 
-log = logging.getLogger(__name__)
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-Event = dict[str, Any]
-ENV_VAR = "LEPTON_EVENTS"
-# Dispatched at once, outside the lock that orders the others: their handler must be thread-safe.
-UNLOCKED_EVENTS = frozenset({"heartbeat"})
-RECONNECT_AFTER_S = 5.0
+VERSION = 1
 
 
-class _Handler(socketserver.StreamRequestHandler):
-    server: _Server
+class Phase(IntEnum):
+    """What a rank is doing, in the order an epoch goes through them (a heartbeat's ``doing``)."""
 
-    def setup(self) -> None:
-        super().setup()
-        self.server.open_connections(+1)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.open_connections(-1)
-
-    def handle(self) -> None:
-        for line in self.rfile:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                return
-            if not isinstance(event, dict) or event.pop("token", None) != self.server.token:
-                log.warning("event channel: dropped a connection without the run's token")
-                return
-            self.server.dispatch(event)
+    TRAINING = 0
+    CHECKPOINT = 1
+    EVALUATING = 2
+    REDUCING = 3
+    EPOCH_CHECKPOINT = 4
 
 
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __init__(self, host: str, on_event: Callable[[Event], None]) -> None:
-        super().__init__((host, 0), _Handler)
-        self.token = secrets.token_hex(16)
-        self._on_event = on_event
-        self._lock = threading.Lock()
-        self._connections = 0
-        self._idle = threading.Condition()
-
-    def open_connections(self, delta: int) -> None:
-        with self._idle:
-            self._connections += delta
-            self._idle.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until every sender has hung up, so that no event in flight is lost."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._connections == 0, timeout=timeout)
-
-    def dispatch(self, event: Event) -> None:
-        if event.get("event") in UNLOCKED_EVENTS:  # never queued behind a slow MLflow call
-            self._on_event(event)
-            return
-        with self._lock:  # handlers (MLflow, console) see one event at a time
-            try:
-                self._on_event(event)
-            except Exception:
-                log.exception("event handler failed on %s", event.get("event"))
+    v: Literal[1] = VERSION
 
 
-class EventServer:
-    """Driver side. ``address`` is what ranks need (host:port:token)."""
+class Start(_Message):
+    event: Literal["start"] = "start"
+    size: int = Field(gt=0)
+    device: str
+    precision: str
+    epochs: int = Field(ge=0)
+    steps_per_epoch: int = Field(ge=0)
+    attempt: int = Field(ge=0)
+    resumed_from: tuple[int, int] | None = None  # (epoch, step) of the checkpoint
+    code: str = ""  # where the ranks' lepton_spark came from
 
-    def __init__(self, host: str, on_event: Callable[[Event], None]) -> None:
-        self._server = _Server(host, on_event)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="lepton-events", daemon=True
+
+class Progress(_Message):
+    event: Literal["progress"] = "progress"
+    epoch: int = Field(ge=1)  # 1-based
+    step: int = Field(ge=0)
+    steps: int = Field(ge=0)
+    global_step: int = Field(ge=0)
+    loss: float  # rank 0's mean since the epoch (or the resume) started
+    window_loss: float  # rank 0's mean since the last report
+    samples_per_second: float  # the cluster's, since the last report
+
+
+class Epoch(_Message):
+    event: Literal["epoch"] = "epoch"
+    epoch: int = Field(ge=1)
+    metrics: dict[str, float]
+
+
+class Heartbeat(_Message):
+    event: Literal["heartbeat"] = "heartbeat"
+    rank: int = Field(ge=0)
+    host: str
+    epoch: int = Field(ge=-1)  # -1: started, not training yet
+    step: int = Field(ge=0)
+    doing: Phase = Phase.TRAINING
+    n: int = Field(0, ge=0)  # the batch being evaluated
+
+
+class RankFailed(_Message):
+    event: Literal["rank_failed"] = "rank_failed"
+    rank: int = Field(ge=0)
+    error: str
+    input_error: bool = False
+
+
+class Rendezvous(_Message):
+    event: Literal["rendezvous"] = "rendezvous"
+    host: str
+    port: int = Field(gt=0, lt=65536)
+
+
+class Retry(_Message):
+    event: Literal["retry"] = "retry"
+    attempt: int = Field(ge=1)
+    of: int = Field(ge=1)
+
+
+Event = Annotated[
+    Start | Progress | Epoch | Heartbeat | RankFailed | Rendezvous | Retry,
+    Field(discriminator="event"),
+]
+_EVENT: TypeAdapter[Any] = TypeAdapter(Event)
+
+
+class InvalidEvent(ValueError):
+    """A message that is not valid JSON or does not match any event's schema."""
+
+
+def encode(message: _Message) -> dict[str, Any]:
+    """The message as plain JSON values (what :func:`decode` takes back)."""
+    return message.model_dump(mode="json")
+
+
+def decode(data: str | bytes | dict[str, Any]) -> Event:
+    """The typed event in ``data`` (a JSON line or an already parsed object)."""
+    try:
+        parsed = json.loads(data) if isinstance(data, str | bytes) else data
+    except ValueError as err:
+        raise InvalidEvent(f"not JSON: {err}") from None
+    try:
+        return _EVENT.validate_python(parsed)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in err.errors()
         )
-
-    @property
-    def address(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"{host}:{port}:{self._server.token}"
-
-    def __enter__(self) -> EventServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self._server.wait_idle(timeout=10):
-            log.warning("event channel: closing with senders still connected")
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-
-class EventClient:
-    """Rank side. Sending never raises: a lost driver must not kill training by itself. After a
-    failure, events are dropped for ``RECONNECT_AFTER_S`` seconds, then it connects again."""
-
-    def __init__(self, address: str) -> None:
-        host, port, self._token = address.rsplit(":", 2)
-        self._target = (host, int(port))
-        self._sock: socket.socket | None = None
-        self._retry_at = 0.0
-        self._warned = False
-        self._lock = threading.Lock()
-
-    def send(self, event: Event) -> None:
-        data = (json.dumps({**event, "token": self._token}) + "\n").encode()
-        with self._lock:
-            if time.monotonic() < self._retry_at:
-                return
-            try:
-                if self._sock is None:
-                    self._sock = socket.create_connection(self._target, timeout=10)
-                self._sock.sendall(data)
-            except OSError as err:
-                if self._sock is not None:
-                    self._sock.close()
-                    self._sock = None
-                self._retry_at = time.monotonic() + RECONNECT_AFTER_S
-                if not self._warned:
-                    self._warned = True
-                    log.warning("cannot reach the driver's event channel %s: %s", self._target, err)
-
-    __call__ = send
-
-    def close(self) -> None:
-        with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
+        raise InvalidEvent(problems) from None

@@ -14,8 +14,9 @@ Built in:
 - ``transformer``: a Transformer encoder over the first text feature, trained from scratch;
   ``options``: ``d_model`` (64), ``heads`` (4), ``layers`` (2), ``feedforward`` (128);
 - ``kmeans``: ``k`` centroids over the numeric features, trained by Lloyd's iterations across the
-  ranks (:func:`lepton_spark.train.train_kmeans`); ``options``: ``k`` (8), ``iterations`` (50),
-  ``tolerance`` (1e-4); ``forward`` gives minus the squared distance to each centroid.
+  ranks (:func:`lepton_spark.training.kmeans.train_kmeans`); ``options``: ``k`` (8),
+  ``iterations`` (50), ``tolerance`` (1e-4); ``forward`` gives minus the squared distance to each
+  centroid.
 
 A user model is ``name: "my_pkg.models:build"``: ``build(spec, **options)`` returns an
 ``nn.Module`` with the same ``forward``; it must be importable where the ranks run (installed, or
@@ -229,3 +230,12 @@ def build_model(cfg: ModelConfig, spec: FeatureSpec, seed: int | None = None) ->
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {cfg.name!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def trained_network(
+    cfg: ModelConfig, spec: FeatureSpec, state_dict: dict[str, torch.Tensor]
+) -> nn.Module:
+    """The configured network with trained weights, for serving (eval mode, on the CPU)."""
+    model = build_model(cfg, spec)
+    model.load_state_dict(state_dict)
+    return model.eval()

@@ -2,7 +2,7 @@
 
 No Spark, no MLflow: ranks read this from the manifest.
 
-A model gets one dict of tensors per batch (:meth:`lepton_spark.loader.Layout.inputs`):
+A model gets one dict of tensors per batch (:meth:`lepton_spark.shards.loader.Layout.inputs`):
 ``"numeric"`` ``[rows, n_numeric]`` float32, ``"categorical"`` ``[rows, n_categorical]`` int64
 (vocabulary indices), and one entry per array feature (``[rows, *shape]`` float32) and per text
 feature (``[rows, max_length]`` int64 token ids), under the feature's name.
@@ -99,7 +99,8 @@ class FeatureSpec(BaseModel):
     """The features as the shards hold them, and how raw input becomes that.
 
     The preprocessing (vocabularies, standardisation, the value a missing number takes) is part of
-    the spec, so the served model applies exactly what ETL applied (:mod:`lepton_spark.serving`).
+    the spec, so the served model applies exactly what ETL applied
+    (:mod:`lepton_spark.serving.preprocess`).
     """
 
     model_config = ConfigDict(frozen=True)

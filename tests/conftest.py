@@ -1,4 +1,12 @@
-"""Shared fixtures: one real local Spark session for the whole run, helpers for shard folders."""
+"""Shared fixtures (one real local Spark session for the whole run, Horovod, the CLI, an MLflow
+server on loopback) and the markers that follow from them.
+
+Markers are applied here, from the fixtures a test uses (directly or through other fixtures),
+never by hand: ``spark`` (it starts Spark: the ``spark`` fixture here, or ``starts_spark`` for
+another process, which the ``cli`` fixture uses), ``horovod`` (it starts Horovod ranks: the
+``horovod`` fixture), ``unit`` (neither: plain Python, no JVM, no ranks). ``slow`` is the one
+marker set by hand, on end-to-end runs.
+"""
 
 from __future__ import annotations
 
@@ -21,11 +29,50 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# fixture → the markers a test using it gets
+_MARKING_FIXTURES = {
+    "spark": ("spark",),
+    "starts_spark": ("spark",),
+    "horovod": ("horovod",),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        marks = {m for name, ms in _MARKING_FIXTURES.items() if name in used for m in ms}
+        for mark in sorted(marks) or ["unit"]:
+            item.add_marker(mark)
+
+
+@pytest.fixture(scope="session")
+def horovod():
+    """Horovod's torch API; tests that start Horovod ranks ask for it (and get the marker)."""
+    try:
+        import horovod.torch as hvd
+    except ImportError as err:  # a machine set up without scripts/install_horovod.sh
+        pytest.skip(f"horovod is not installed ({err}); make setup builds it")
+    return hvd
+
+
+@pytest.fixture()
+def starts_spark() -> None:
+    """Nothing to set up: it says that the test starts Spark in another process (spark-submit,
+    the CLI, a notebook kernel), for the ``spark`` marker."""
+
+
+@pytest.fixture()
+def cli(starts_spark: None):
+    """``lepton-spark`` as a user runs it, in a subprocess: ``cli("run", path, cwd=...)``."""
+    from tests.helpers import run_cli
+
+    return run_cli
+
 
 @pytest.fixture(scope="session")
 def spark() -> Iterator:
     from lepton_spark.config import SparkConfig
-    from lepton_spark.etl import spark_session
+    from lepton_spark.data.session import spark_session
 
     session = spark_session(
         SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "4"}),

@@ -31,11 +31,11 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
 
 
 def rank_processes() -> list[psutil.Process]:
-    """Rank child processes (``python -m lepton_spark.rank_main``) alive on this machine."""
+    """Rank child processes (``python -m lepton_spark.cluster.rank_main``) alive on this machine."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info.get("cmdline") or []
-        if "lepton_spark.rank_main" in cmdline:
+        if "lepton_spark.cluster.rank_main" in cmdline:
             found.append(proc)
     return found
 

@@ -64,10 +64,10 @@ def test_logistic_regression_reaches_the_bayes_rate_and_its_log_loss_is_numpys(s
 
     assert isinstance(result, BaselineResult)
     assert result.name == "mllib_logistic_regression"
-    assert set(result.metrics) == {"val_accuracy", "val_loss"}
-    assert result.metrics["val_accuracy"] > 0.8  # chance is about 0.5
-    assert result.metrics["val_accuracy"] > bayes - 0.03  # without "cat" the best is about 0.74
-    assert result.metrics["val_loss"] < 0.4 < math.log(2)
+    assert set(result.metrics) == {"val/accuracy", "val/loss"}
+    assert result.metrics["val/accuracy"] > 0.8  # chance is about 0.5
+    assert result.metrics["val/accuracy"] > bayes - 0.03  # without "cat" the best is about 0.74
+    assert result.metrics["val/loss"] < 0.4 < math.log(2)
     assert result.details["family"] == "binomial"
     assert result.details["train_accuracy"] > 0.8
     assert result.details["num_features"] == 2 + CARDINALITY + 1  # one-hot, and a slot for invalid
@@ -88,9 +88,9 @@ def test_logistic_regression_reaches_the_bayes_rate_and_its_log_loss_is_numpys(s
     scored = pipeline.fit(train).transform(validation).select("y", "probability").toPandas()
     p = np.stack(scored["probability"].map(lambda v: v.toArray()).to_numpy())
     p_true = np.clip(p[np.arange(len(p)), scored["y"].to_numpy()], 1e-15, None)
-    assert result.metrics["val_loss"] == pytest.approx(float(-np.log(p_true).mean()), abs=1e-4)
+    assert result.metrics["val/loss"] == pytest.approx(float(-np.log(p_true).mean()), abs=1e-4)
     accuracy = float(np.mean(p.argmax(axis=1) == scored["y"].to_numpy()))
-    assert result.metrics["val_accuracy"] == pytest.approx(accuracy, abs=0.002)
+    assert result.metrics["val/accuracy"] == pytest.approx(accuracy, abs=0.002)
 
 
 def test_logistic_regression_with_three_classes_is_multinomial(spark):
@@ -115,8 +115,8 @@ def test_logistic_regression_with_three_classes_is_multinomial(spark):
     assert result.details["family"] == "multinomial"
     assert result.details["num_classes"] == 3
     assert result.details["regParam"] == 0.001
-    assert result.metrics["val_accuracy"] > 0.85  # chance is 1/3
-    assert result.metrics["val_loss"] < 0.45 < math.log(3)
+    assert result.metrics["val/accuracy"] > 0.85  # chance is 1/3
+    assert result.metrics["val/loss"] < 0.45 < math.log(3)
 
 
 def test_linear_regression_recovers_the_signal_down_to_the_noise(spark):
@@ -134,10 +134,10 @@ def test_linear_regression_recovers_the_signal_down_to_the_noise(spark):
     assert _cached(spark) == cached
 
     assert result.name == "mllib_linear_regression"
-    assert set(result.metrics) == {"val_mse", "val_mae", "val_r2"}
-    assert result.metrics["val_r2"] > 0.95
-    assert result.metrics["val_mse"] == pytest.approx(noise**2, rel=0.2)
-    assert result.metrics["val_mae"] == pytest.approx(noise * math.sqrt(2 / math.pi), rel=0.15)
+    assert set(result.metrics) == {"val/mse", "val/mae", "val/r2"}
+    assert result.metrics["val/r2"] > 0.95
+    assert result.metrics["val/mse"] == pytest.approx(noise**2, rel=0.2)
+    assert result.metrics["val/mae"] == pytest.approx(noise * math.sqrt(2 / math.pi), rel=0.15)
     assert result.details["train_r2"] > 0.95
     assert 0 < result.train_seconds <= result.total_seconds
 
@@ -155,7 +155,7 @@ def test_kmeans_finds_three_blobs_and_their_cost(spark):
     assert _cached(spark) == cached
 
     assert result.name == "mllib_kmeans"
-    assert result.metrics["train_cost"] == pytest.approx(true_cost, rel=0.05)
+    assert result.metrics["train/cost"] == pytest.approx(true_cost, rel=0.05)
     found = np.array(result.details["centers"])
     assert found.shape == (3, 2)
     distance = np.linalg.norm(found[:, None, :] - centers[None, :, :], axis=2)

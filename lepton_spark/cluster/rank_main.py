@@ -1,0 +1,64 @@
+"""Entry point of one rank's child process (started by :mod:`lepton_spark.cluster.child`).
+
+``python -m lepton_spark.cluster.rank_main WORKDIR`` reads ``IN_FILE`` (the pickled function,
+then the pickled :class:`~lepton_spark.cluster.task.RankContext`), runs the function, and writes
+``OUT_FILE`` or ``ERROR_FILE`` (and ``INPUT_ERROR_MARK`` for bad input) and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import cloudpickle
+
+from lepton_spark.cluster.channel import ENV_VAR, EventClient
+from lepton_spark.cluster.child import ERROR_FILE, IN_FILE, INPUT_ERROR_MARK, OUT_FILE
+from lepton_spark.errors import InputError
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """Portable backstop for PR_SET_PDEATHSIG: leave when the Spark task's process is gone."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(137)
+
+
+def main(workdir: str) -> int:
+    work = Path(workdir)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    with open(work / IN_FILE, "rb") as f:
+        fn = cloudpickle.load(f)
+        ctx = cloudpickle.load(f)
+    client = EventClient(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
+    if client is not None:
+        ctx = dataclasses.replace(ctx, report=client.send)
+    try:
+        result = fn(ctx)
+    except BaseException as err:
+        text = f"{type(err).__name__}: {err}"
+        (work / ERROR_FILE).write_text(text + "\n\n" + traceback.format_exc())
+        if isinstance(err, InputError):
+            (work / INPUT_ERROR_MARK).touch()
+        print(traceback.format_exc(), file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    buffer = io.BytesIO()
+    cloudpickle.dump((ctx.rank, result), buffer)
+    tmp = work / (OUT_FILE + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.rename(work / OUT_FILE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,514 @@
+"""The pipeline file's schema: one frozen, validated pydantic model per section.
+
+Every step takes the part of the config it needs (``cfg.train``, ``cfg.shards`` ...), never raw
+dicts. Each field's docstring is its description in ``docs/config-reference.md``, which
+``scripts/config_reference.py`` generates from these classes (a test keeps it up to date).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lepton_spark.names import VAL_ACCURACY
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class SparkConfig(_Frozen):
+    """Where the ETL and the barrier stage run (a session that is already active wins)."""
+
+    master: str = "local[*]"
+    """Spark master URL (``--master`` overrides it)."""
+    app_name: str | None = None
+    """Spark application name (default ``lepton-spark <pipeline name>``)."""
+    log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = "WARN"
+    """Spark's log level on the driver."""
+    conf: dict[str, str] = Field(default_factory=dict)
+    """Any Spark configuration (``spark.sql.shuffle.partitions: 8``); values become strings."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _conf_values_as_strings(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and isinstance(data.get("conf"), Mapping):
+            conf = {
+                k: (str(v).lower() if isinstance(v, bool) else str(v))
+                for k, v in data["conf"].items()
+            }
+            data = {**data, "conf": conf}
+        return data
+
+
+class GeneratedSource(_Frozen):
+    """A synthetic data set made on Spark (see ``lepton_spark.data.datagen``).
+
+    Fields that do not apply to ``kind`` are ignored by it.
+    """
+
+    kind: Literal["tabular_classification", "tabular_regression", "digits", "topics", "blobs"] = (
+        "tabular_classification"
+    )
+    """Which data set: see ``lepton_spark.data.datagen``."""
+    rows: int = Field(1_000_000, gt=0)
+    """Number of rows (ignored by ``digits``, which always has its 1,797 images)."""
+    seed: int = 7
+    """Every value is a function of ``seed`` and the row id (``digits`` ignores it)."""
+    label_noise: float = Field(0.08, ge=0.0, lt=0.5)
+    """tabular_classification, topics: probability that a label is replaced by a random one."""
+    partitions: int | None = Field(None, gt=0)
+    """Spark partitions of the table (default: the default parallelism, at least 2)."""
+    target_noise: float = Field(0.5, ge=0.0)
+    """tabular_regression: standard deviation of the Gaussian noise added to the target."""
+    clusters: int = Field(8, ge=2, le=64)
+    """blobs: number of Gaussian clusters."""
+    dims: int = Field(10, ge=1, le=256)
+    """blobs: number of feature columns ``f0..f{dims-1}``."""
+    cluster_std: float = Field(1.0, gt=0.0)
+    """blobs: standard deviation of every cluster, in each dimension."""
+    vocabulary: int = Field(2000, ge=50)
+    """topics: number of distinct words (half shared by all topics, half split among topics)."""
+    min_words: int = Field(8, ge=1)
+    """topics: fewest words in a document."""
+    max_words: int = Field(40, ge=1)
+    """topics: most words in a document (at least ``min_words``)."""
+    topics: int = Field(4, ge=2, le=20)
+    """topics: number of topics (the labels are 0..topics-1)."""
+
+    @model_validator(mode="after")
+    def _word_range(self) -> GeneratedSource:
+        if self.max_words < self.min_words:
+            raise ValueError(
+                f"max_words ({self.max_words}) must be at least min_words ({self.min_words})"
+            )
+        return self
+
+
+class SourceConfig(_Frozen):
+    """One input, registered as a temporary view under its key in ``sources``.
+
+    Exactly one of ``generate``, ``path`` (with ``format``) or ``table``.
+    """
+
+    format: str = "parquet"
+    """Spark data source format of ``path`` (parquet, csv, json, orc, delta...)."""
+    path: str | None = None
+    """A file, folder or glob on any Hadoop filesystem (``s3a://``, ``hdfs://``, local)."""
+    table: str | None = None
+    """A table in Spark's catalog (``db.name``)."""
+    options: dict[str, str] = Field(default_factory=dict)
+    """Reader options (``header: "true"``, ``inferSchema: "true"``)."""
+    generate: GeneratedSource | None = None
+    """A generated data set instead of a path or table."""
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> SourceConfig:
+        given = [k for k in ("path", "table", "generate") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of 'path', 'table' or 'generate' (got {given or 'none'})"
+            )
+        return self
+
+
+class ArrayConfig(_Frozen):
+    """A column of fixed-length numeric arrays (``array<…>`` or a Spark ML vector)."""
+
+    name: str
+    """The column."""
+    shape: list[int] | None = None
+    """Per-row shape for the model, e.g. ``[1, 8, 8]`` (default: ``[length]``)."""
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, shape: list[int] | None) -> list[int] | None:
+        if shape is not None and (not shape or min(shape) <= 0):
+            raise ValueError("shape needs positive sizes")
+        return shape
+
+
+class TextConfig(_Frozen):
+    """A text column, tokenised on Spark (lower case, split on non-alphanumerics)."""
+
+    name: str
+    """The column."""
+    max_length: int = Field(64, gt=0)
+    """Tokens per row: longer texts are cut, shorter ones padded."""
+    max_vocabulary: int = Field(20_000, gt=0)
+    """The most frequent words kept."""
+    min_count: int = Field(1, gt=0)
+    """Words seen fewer times are 'unknown'."""
+
+
+class FeatureSpecConfig(_Frozen):
+    """Which columns of the transform's output are features, label and weight."""
+
+    task: Literal["classification", "regression", "clustering"] = "classification"
+    """What the model learns: classes, a number, or clusters (model ``kmeans``)."""
+    numeric: list[str] = Field(default_factory=list)
+    """Numeric feature columns."""
+    categorical: list[str] = Field(default_factory=list)
+    """Categorical columns (strings, integers, booleans, dates), indexed on Spark."""
+    arrays: list[ArrayConfig] = Field(default_factory=list)
+    """Fixed-length array or Spark ML vector columns."""
+    text: list[TextConfig] = Field(default_factory=list)
+    """Text columns, tokenised on Spark."""
+    label: str | None = None
+    """The target column (not for clustering)."""
+    weight: str | None = None
+    """Sample weight column (weighs the training loss)."""
+    num_classes: int | None = Field(None, ge=2)
+    """Classification: the number of classes (default: the largest label + 1)."""
+    max_categories: int = Field(10_000, gt=0)
+    """The most frequent values kept per categorical column; the rest become 'unknown'."""
+    nulls: Literal["fail", "drop", "fill"] = "fail"
+    """Rows with null/NaN/inf numeric features or a null label: fail the run, drop the rows, or
+    fill the features with ``fill_value`` (a null label cannot be filled)."""
+    fill_value: float = 0.0
+    """What a missing number becomes (``nulls: fill``, and in the served model)."""
+    standardize: bool = False
+    """Standardise numeric features with mean and std computed on Spark; the statistics are
+    stored with the model."""
+
+    @model_validator(mode="after")
+    def _columns_distinct(self) -> FeatureSpecConfig:
+        if not (self.numeric or self.categorical or self.arrays or self.text):
+            raise ValueError("name at least one numeric, categorical, array or text column")
+        if self.task != "clustering" and self.label is None:
+            raise ValueError(f"a {self.task} pipeline needs a 'label' column")
+        if self.task != "classification" and self.num_classes is not None:
+            raise ValueError("num_classes is for classification")
+        columns = [
+            *self.numeric,
+            *self.categorical,
+            *(a.name for a in self.arrays),
+            *(t.name for t in self.text),
+            *([self.label] if self.label else []),
+            *([self.weight] if self.weight else []),
+        ]
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise ValueError(f"columns used twice: {repeated}")
+        return self
+
+
+class SplitConfig(_Frozen):
+    """The seeded train/validation split."""
+
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Share of the rows held out for validation."""
+    seed: int = 42
+    """Seed of Spark's ``randomSplit``: the same seed, the same split."""
+
+
+class ShardConfig(_Frozen):
+    """How the prepared data is cut into Arrow shards.
+
+    ``random`` (seeded) gives shards equal to within one row; ``hash`` keeps every row of a key in
+    one shard; ``range`` gives each shard a contiguous range of the key, rows sorted by it. Size by
+    ``rows_per_shard`` or ``bytes_per_shard`` (not both; 250,000 rows when neither is given).
+    """
+
+    root: str = ".lepton/shards"
+    """Where shard folders go: a local path or a ``pyarrow.fs`` URI (``s3://``, ``hdfs://``)."""
+    strategy: Literal["random", "hash", "range"] = "random"
+    """random (seeded, equal shards) | hash (a key's rows in one shard) | range (ordered)."""
+    key: str | None = None
+    """The column ``hash`` and ``range`` shard by."""
+    rows_per_shard: int | None = Field(None, gt=0)
+    """Rows per shard file (rounded so that every rank gets as many shards)."""
+    bytes_per_shard: int | None = Field(None, gt=0)
+    """Bytes per shard file, from the fixed row width (instead of ``rows_per_shard``)."""
+    seed: int = 0
+    """Seed of the random strategy."""
+    skew_warning: float = Field(1.25, gt=1.0)
+    """Warn when a rank gets more than this × the mean training rows."""
+
+    @model_validator(mode="after")
+    def _key_and_size(self) -> ShardConfig:
+        if self.strategy == "random" and self.key is not None:
+            raise ValueError("'key' is only used by the hash and range strategies")
+        if self.strategy != "random" and self.key is None:
+            raise ValueError(f"strategy {self.strategy!r} needs a 'key' column")
+        if self.rows_per_shard is not None and self.bytes_per_shard is not None:
+            raise ValueError("give 'rows_per_shard' or 'bytes_per_shard', not both")
+        return self
+
+    def target_rows(self, row_bytes: int) -> int:
+        """Rows per shard, from ``rows_per_shard`` or ``bytes_per_shard`` and the row width."""
+        if self.bytes_per_shard is not None:
+            return max(1, self.bytes_per_shard // row_bytes)
+        return self.rows_per_shard or 250_000
+
+
+class TrainConfig(_Frozen):
+    """The barrier stage's ranks and how they train."""
+
+    num_workers: int = Field(2, gt=0)
+    """Ranks: one barrier task, one process, one Horovod rank each."""
+    epochs: int = Field(3, gt=0)
+    """Passes over the training split (k-means: the most Lloyd iterations)."""
+    batch_size: int = Field(512, gt=0)
+    """Rows per rank per step."""
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    """The torch optimizer, wrapped in Horovod's ``DistributedOptimizer``."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Learning rate for one rank."""
+    lr_scaling: Literal["linear", "none"] = "linear"
+    """``linear``: ``lr`` × ranks (the ranks average ``num_workers`` batches a step)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Per-step schedule: constant, or cosine decay to zero over the run."""
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    """SGD momentum."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """The optimizer's weight decay."""
+    seed: int = 0
+    """Model initialisation, shuffling and k-means seeding."""
+    shuffle: bool = True
+    """Shuffle every epoch (seeded by ``seed`` and the epoch)."""
+    shuffle_buffer: int = Field(65_536, gt=0)
+    """Rows mixed at a time across this rank's shards."""
+    tail: Literal["drop", "pad"] = "drop"
+    """Equal steps per rank: ``drop`` stops every rank at the smallest rank's full batches;
+    ``pad`` runs to the largest rank's, smaller ranks wrapping around their rows."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: a GPU when Spark assigns one; ``cuda``: a missing GPU is an error at once."""
+    mixed_precision: bool = False
+    """autocast: bf16 on CPUs and on GPUs that have it, fp16 with a gradient scaler on older
+    GPUs."""
+    threads_per_rank: int | None = Field(None, gt=0)
+    """torch threads per rank (default: the host's cores ÷ the ranks on the host)."""
+    progress_every_steps: int = Field(50, gt=0)
+    """Rank 0 reports progress and logs the per-step metrics (``train/loss_step``,
+    ``train/throughput_samples_per_second``) every N steps."""
+    checkpoint_root: str = ".lepton/checkpoints"
+    """A path or ``pyarrow.fs`` URI; one folder per MLflow run."""
+    checkpoint_every_steps: int | None = Field(None, gt=0)
+    """Also checkpoint every N steps (always at each epoch's end)."""
+    retries: int = Field(2, ge=0)
+    """Times a failed training stage is run again, from the checkpoint."""
+    stall_timeout_s: float = Field(300.0, gt=0.0)
+    """Fail the training stage when no rank moves for this long (names the rank)."""
+    gloo_timeout_s: int = Field(120, gt=0)
+    """Horovod's Gloo rendezvous and connection timeout."""
+    fault_inject: str | None = Field(None, pattern=r"^(kill|hang):\d+:\d+$")
+    """Testing only: ``kill:RANK:STEP`` or ``hang:RANK:STEP`` on the first attempt."""
+    loss: str | None = None
+    """``package.module:function`` (outputs, labels, weights or None) → a scalar; default
+    cross-entropy (classification) or mean squared error (regression)."""
+    metrics: list[str] = Field(default_factory=list)
+    """More validation metrics: ``package.module:function`` (outputs, labels) → a value per
+    row, averaged over the validation split as ``val/<function>``."""
+    horovod_cycle_time_ms: float = Field(5.0, gt=0.0)
+    """Horovod's background cycle (``HOROVOD_CYCLE_TIME``); its 1 ms default costs a CPU rank
+    ~10% of a core in idle polling (``benchmarks/scaling``)."""
+
+    # Fields that decide how a run is carried out, not what it trains (run keys ignore them).
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
+        {
+            "retries",
+            "fault_inject",
+            "stall_timeout_s",
+            "gloo_timeout_s",
+            "progress_every_steps",
+            "threads_per_rank",
+            "horovod_cycle_time_ms",
+            "checkpoint_root",
+            "device",
+        }
+    )
+
+
+class ModelConfig(_Frozen):
+    """The network (``lepton_spark.models``)."""
+
+    name: str = "mlp"
+    """``mlp`` | ``linear`` | ``cnn`` | ``transformer`` | ``kmeans``, or
+    ``package.module:function`` (a factory taking the feature spec and the options, returning an
+    ``nn.Module``)."""
+    hidden: list[int] = Field(default_factory=lambda: [128, 64])
+    """Hidden layer widths (mlp, the cnn's head)."""
+    embedding_dim: int = Field(8, gt=0)
+    """Width of each categorical feature's embedding (mlp)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout after each hidden layer (mlp, cnn, transformer)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """More arguments for the model (see ``lepton_spark.models``)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        builtin = ("mlp", "linear", "cnn", "transformer", "kmeans")
+        if name not in builtin and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name):
+            raise ValueError(
+                f"unknown model {name!r}: one of {', '.join(builtin)}, or 'package.module:function'"
+            )
+        return name
+
+
+class BaselineConfig(_Frozen):
+    """Spark MLlib trained on the same split, logged beside the neural model's metrics."""
+
+    mllib: bool = False
+    """Logistic regression (classification), linear regression (regression) or k-means
+    (clustering) with Spark MLlib, logged as ``mllib/*``."""
+    max_iter: int = Field(100, gt=0)
+    """MLlib's ``maxIter``."""
+
+
+class TrackingConfig(_Frozen):
+    """Where the MLflow run goes and what the registry does with its model."""
+
+    tracking_uri: str | None = None
+    """MLflow tracking URI (``--tracking-uri`` and ``MLFLOW_TRACKING_URI`` win; default: the
+    local store)."""
+    experiment: str | None = None
+    """MLflow experiment (default: the pipeline's name)."""
+    run_name: str | None = None
+    """MLflow run name (default ``<pipeline>-<run key or start time>``)."""
+    local_store: str = "mlruns-data"
+    """The embedded default store: sqlite ``mlflow.db`` and ``artifacts/`` under this folder."""
+    registered_model: str | None = None
+    """Register each trained model under this name, alias ``candidate``."""
+    promote_metric: str = VAL_ACCURACY
+    """What ``lepton-spark promote`` compares (runs logged with the old names, such as
+    ``val_accuracy``, are read too)."""
+    promote_mode: Literal["max", "min"] = "max"
+    """Whether a larger or a smaller ``promote_metric`` is better."""
+    system_metrics_interval_s: float | None = Field(10.0, gt=0.0)
+    """Sample CPU, memory (GPU with nvidia-ml-py) on the driver's host this often, as MLflow
+    system metrics; null turns them off."""
+
+
+class CompressConfig(_Frozen):
+    """An optional step after training: a smaller, faster copy of the model, registered as a
+    version of its own (tagged with what was done) beside the trained one."""
+
+    quantize: bool = False
+    """Dynamic int8 quantization of the Linear layers."""
+    prune: float | None = Field(None, gt=0.0, lt=1.0)
+    """Magnitude pruning: this share of the Linear weights (smallest ``|w|``) set to 0."""
+    eval_rows: int = Field(500_000, gt=0)
+    """Validation rows both models are scored on (on the driver)."""
+    latency_batch: int = Field(512, gt=0)
+    """Rows per batch in the CPU latency test."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.quantize or self.prune is not None
+
+    @property
+    def method(self) -> str:
+        parts = [f"prune{self.prune:g}"] if self.prune is not None else []
+        return "+".join([*parts, *(["int8"] if self.quantize else [])])
+
+
+class PipelineConfig(_Frozen):
+    """One workload: its sources and SQL, features, split, shards, training, model, tracking."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """The pipeline's name: MLflow experiment, shard folder prefix."""
+    description: str = ""
+    """One line for people (printed when the run starts)."""
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    """Spark session settings."""
+    sources: dict[str, SourceConfig]
+    """Input views by name."""
+    transform: str | None = None
+    """Spark SQL over the source views (feature engineering, joins, filters)."""
+    features: FeatureSpecConfig
+    """Features, label and weight."""
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    """The train/validation split."""
+    shards: ShardConfig = Field(default_factory=ShardConfig)
+    """Arrow shards."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """The ranks and how they train."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The network."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow and the registry."""
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    """Optional compressed variant."""
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    """Optional Spark MLlib baseline."""
+
+    @model_validator(mode="after")
+    def _sources_and_transform(self) -> PipelineConfig:
+        if not self.sources:
+            raise ValueError("'sources' needs at least one source")
+        if self.transform is None and len(self.sources) > 1:
+            raise ValueError("several sources need a 'transform' (Spark SQL) that combines them")
+        for view in self.sources:
+            if not view.isidentifier():
+                raise ValueError(f"source name {view!r} must be a valid SQL view name")
+        clustering = self.features.task == "clustering"
+        if clustering != (self.model.name == "kmeans"):
+            raise ValueError(
+                "clustering pipelines use model 'kmeans', and model 'kmeans' is for clustering "
+                f"(features.task is {self.features.task!r}, model.name {self.model.name!r})"
+            )
+        if self.compress.enabled and self.features.task != "classification":
+            raise ValueError("compress is measured by accuracy: classification models only")
+        if self.compress.quantize and self.model.name == "transformer":
+            raise ValueError(
+                "compress.quantize does not apply to model 'transformer' (torch's fused encoder "
+                "needs float Linear layers); compress.prune does"
+            )
+        f = self.features
+        if clustering and (not f.numeric or f.categorical or f.arrays or f.text or f.weight):
+            raise ValueError(
+                "k-means clusters numeric features only: list them in features.numeric, and no "
+                "categorical, arrays, text or weight"
+            )
+        if self.baseline.mllib and not (f.numeric or f.categorical):
+            raise ValueError(
+                "baseline.mllib trains Spark MLlib on numeric and categorical features; this "
+                "pipeline has none"
+            )
+        return self
+
+    def flat(self) -> dict[str, str]:
+        """The config as ``section.key -> value`` strings (for MLflow params)."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+    def fingerprint(self, *sections: str) -> str:
+        """A stable hash of the named sections (all of them when none are named)."""
+        dump = self.model_dump(mode="json", include=set(sections) if sections else None)
+        return _digest(dump)
+
+    def training_fingerprint(self) -> str:
+        """A hash of what decides the trained model (data, features, split, shards, model, the
+        training settings); not where it runs, how it is tracked or how failures are handled.
+
+        A run key resumes an unfinished run only when this is unchanged.
+        """
+        dump = self.model_dump(
+            mode="json", exclude={"spark", "tracking", "description", "compress", "baseline"}
+        )
+        dump["train"] = {k: v for k, v in dump["train"].items() if k not in TrainConfig.OPERATIONAL}
+        return _digest(dump)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> PipelineConfig:
+        """A new config with dotted keys replaced (``{"train.epochs": 5}``), validated again."""
+        from lepton_spark.config.loading import apply_overrides, validate
+
+        return validate(apply_overrides(self.model_dump(mode="json"), overrides), "overrides")
+
+
+def _digest(dump: Any) -> str:
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, str]]:
+    if isinstance(value, dict) and value:
+        for key, sub in value.items():
+            yield from _flatten(sub, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), json.dumps(value) if not isinstance(value, str) else value

@@ -1,0 +1,375 @@
+"""The steps of the main job, each a function a test (or a notebook) can call on its own.
+
+:func:`lepton_spark.pipeline.run.run_pipeline` calls them in this order: the shards
+(:func:`materialize_shards`, checked by :func:`check_trainable`, reported by :func:`log_shards`),
+the training stage (:func:`train`), the model (:func:`publish_model`), the MLlib baseline
+(:func:`run_baseline`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from pyspark.sql import SparkSession
+
+from lepton_spark import baselines
+from lepton_spark.cluster.stage import BarrierSettings, run_barrier
+from lepton_spark.config import PipelineConfig
+from lepton_spark.data.fingerprint import dataset_fingerprint
+from lepton_spark.data.prepare import prepare
+from lepton_spark.data.sources import raw_example
+from lepton_spark.errors import BarrierError, DataError, InputError, SlotsError
+from lepton_spark.events import Event, Retry
+from lepton_spark.models import trained_network
+from lepton_spark.names import (
+    TAG_ATTEMPTS,
+    TAG_COMPRESSED_MODEL_URI,
+    TAG_COMPRESSION,
+    TAG_MODEL_URI,
+    TAG_REGISTRY_COMPRESSED_VERSION,
+    TAG_REGISTRY_MODEL,
+    TAG_REGISTRY_VERSION,
+    VAL_ACCURACY,
+)
+from lepton_spark.redact import redact_text
+from lepton_spark.serving import compression, pyfunc
+from lepton_spark.shards.commit import find_committed
+from lepton_spark.shards.loader import Layout, read_split
+from lepton_spark.shards.manifest import Manifest, SkewReport
+from lepton_spark.shards.storage import Location, locate
+from lepton_spark.shards.writer import ShardSet, write_shards
+from lepton_spark.tracking import artifacts
+from lepton_spark.tracking.live import LiveMetrics
+from lepton_spark.tracking.registry import register, register_variant
+from lepton_spark.tracking.run import TrackedRun
+from lepton_spark.training.job import TrainResult, TrainSpec
+from lepton_spark.training.worker import train_rank
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Seconds spent in the block, as ``timings[stage]`` (the run's ``time/<stage>_s``)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = round(time.perf_counter() - started, 2)
+
+
+# -- shards ----------------------------------------------------------------------------------------
+
+
+def shard_folder_name(cfg: PipelineConfig, fingerprint: str) -> str:
+    """Same data, features, split and sharding → the same folder (per number of ranks)."""
+    return f"{cfg.name}-{fingerprint[:16]}-w{cfg.train.num_workers}"
+
+
+def materialize_shards(
+    spark: SparkSession,
+    cfg: PipelineConfig,
+    *,
+    rebuild: bool = False,
+    timings: dict[str, float] | None = None,
+) -> ShardSet:
+    """The pipeline's committed shards: found by the dataset fingerprint, or written now.
+
+    ``rebuild`` writes them again even when a committed folder with the same fingerprint exists.
+    ``timings`` receives the seconds spent on ``etl`` and ``shards``.
+    """
+    timings = {} if timings is None else timings
+    with timed(timings, "etl"):
+        fingerprint, source = dataset_fingerprint(spark, cfg)
+        folder = locate(cfg.shards.root).child(shard_folder_name(cfg, fingerprint))
+        manifest, why = (None, "--rebuild-shards") if rebuild else find_committed(folder)
+        if manifest is None:
+            log.info("%s: writing the shards", redact_text(why))
+            prepared = prepare(spark, cfg)
+    if manifest is not None:
+        log.info(
+            "reusing the shards at %s (same dataset fingerprint, written %s); "
+            "--rebuild-shards writes them again",
+            redact_text(folder.uri),
+            manifest.created_at,
+        )
+        timings["shards"] = 0.0
+        return ShardSet(folder=folder.uri, manifest=manifest, reused=True)
+    with timed(timings, "shards"):
+        try:
+            val_rows = round(prepared.rows * cfg.split.validation_fraction)
+            return write_shards(
+                {"train": prepared.train, "validation": prepared.validation},
+                prepared.feature_spec,
+                folder,
+                cfg.shards,
+                num_workers=cfg.train.num_workers,
+                estimated_rows={"train": prepared.rows - val_rows, "validation": val_rows},
+                fingerprint=fingerprint,
+                source={**source, "quality": prepared.quality},
+            )
+        finally:
+            prepared.release()
+
+
+def check_trainable(cfg: PipelineConfig, shard_set: ShardSet) -> None:
+    """Enough training rows for every rank to run at least one full step (before submitting).
+
+    Shards written for nothing (this run wrote them and cannot train on them) are removed.
+    """
+    t = cfg.train
+    batch = 1 if cfg.features.task == "clustering" else t.batch_size  # k-means takes no steps
+    problem = shard_set.manifest.split("train").training_problem(t.num_workers, batch, t.tail)
+    if problem:
+        if not shard_set.reused:
+            locate(shard_set.folder).delete_folder()
+        raise DataError(problem)
+
+
+def shared_storage_warnings(cfg: PipelineConfig, master: str) -> list[str]:
+    """Local shard or checkpoint paths with a cluster master: fine on one host, not on many."""
+    if master.startswith("local"):
+        return []
+    return [
+        f"{field} is the local path {place.path}: on a cluster of several hosts every executor "
+        "must see it (a shared mount, or a URI such as s3://…, hdfs://…)"
+        for field, place in (
+            ("shards.root", locate(cfg.shards.root)),
+            ("train.checkpoint_root", locate(cfg.train.checkpoint_root)),
+        )
+        if place.is_local
+    ]
+
+
+def skew_warnings(cfg: PipelineConfig, reports: dict[str, SkewReport]) -> list[str]:
+    """A warning when a rank gets more than ``shards.skew_warning`` × the mean training rows.
+
+    (Validation skew costs nothing: evaluation has no steps to keep equal.)
+    """
+    return [
+        f"{split}: rank rows are skewed, max/mean {r.rank_max_over_mean:.2f} "
+        f"(rows per rank {r.rows_per_rank}); ranks with fewer rows "
+        + (
+            "wrap around to keep steps equal (train.tail: pad)"
+            if cfg.train.tail == "pad"
+            else "set the steps and larger ranks leave rows out each epoch (train.tail: drop)"
+        )
+        for split, r in reports.items()
+        if split == "train" and r.rank_max_over_mean > cfg.shards.skew_warning
+    ]
+
+
+def log_shards(run: TrackedRun, cfg: PipelineConfig, shard_set: ShardSet) -> list[str]:
+    """The shards' manifest, skew and data quality into the run; the skew warnings."""
+    manifest = shard_set.manifest
+    skew = {name: s.skew(cfg.train.num_workers) for name, s in manifest.splits.items()}
+    artifacts.log_shards(
+        run, manifest, shard_set.folder, shard_set.reused, skew, cfg.train.num_workers
+    )
+    warnings = skew_warnings(cfg, skew)
+    for warning in warnings:
+        log.warning(warning)
+    return warnings
+
+
+# -- the training stage ----------------------------------------------------------------------------
+
+
+def train_with_retries(
+    spark: SparkSession, spec: TrainSpec, on_event: Callable[[Event], None]
+) -> tuple[list[TrainResult], int]:
+    """Run the training stage; when a rank fails, run it again (``train.retries`` times).
+
+    Each new attempt resumes from the last checkpoint rank 0 wrote, not from step 0. Returns the
+    ranks' results and how many attempts it took. Not retried: bad input found by a rank (a
+    shard that does not match its manifest), too few slots (the cluster will not change by
+    itself), interrupts. A stalled or lost rank is retried.
+    """
+    attempts = 1 + spec.train.retries
+    settings = BarrierSettings(
+        gloo_timeout_s=spec.train.gloo_timeout_s, stall_timeout_s=spec.train.stall_timeout_s
+    )  # train_rank sends heartbeats: the stall watch is on
+    for attempt in range(attempts):
+        # A retry after a lost executor waits for its replacement as long as a start-up may take.
+        wait = None if attempt == 0 else settings.startup_s
+        try:
+            results = run_barrier(
+                spark,
+                functools.partial(train_rank, dataclasses.replace(spec, attempt=attempt)),
+                spec.train.num_workers,
+                on_event=on_event,
+                settings=dataclasses.replace(settings, slot_wait_s=wait),
+                device=spec.train.device,
+            )
+            return results, attempt + 1
+        except BarrierError as err:
+            if attempt + 1 == attempts or isinstance(err, InputError | SlotsError):
+                raise
+            log.warning(
+                "training attempt %d of %d failed: %s; running the stage again from the last "
+                "checkpoint",
+                attempt + 1,
+                attempts,
+                str(err).splitlines()[0],
+            )
+            on_event(Retry(attempt=attempt + 2, of=attempts))
+    raise AssertionError("unreachable")
+
+
+def train(
+    spark: SparkSession,
+    cfg: PipelineConfig,
+    run: TrackedRun,
+    shard_set: ShardSet,
+    show: Callable[[Event], None],
+) -> tuple[TrainResult, int]:
+    """The barrier stage on the run's shards, its events shown and logged live; rank 0's
+    result and the attempts it took. Checkpoints go to ``train.checkpoint_root/<run id>``."""
+    spec = TrainSpec(
+        shard_folder=str(shard_set.folder),
+        train=cfg.train,
+        model=cfg.model,
+        checkpoint_dir=checkpoint_folder(cfg, run).uri,
+    )
+    live = LiveMetrics(run)
+
+    def on_event(event: Event) -> None:
+        live(event)
+        show(event)
+
+    results, attempts = train_with_retries(spark, spec, on_event)
+    run.set_tags({TAG_ATTEMPTS: attempts})
+    return results[0], attempts
+
+
+def checkpoint_folder(cfg: PipelineConfig, run: TrackedRun) -> Location:
+    """Where the run's checkpoints go: one folder per MLflow run (a resumed run finds its own)."""
+    return locate(cfg.train.checkpoint_root).child(run.run_id)
+
+
+# -- after training --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    model_uri: str
+    version: str | None  # with tracking.registered_model: the version marked "candidate"
+
+
+def publish_model(
+    spark: SparkSession,
+    cfg: PipelineConfig,
+    run: TrackedRun,
+    shard_set: ShardSet,
+    chief: TrainResult,
+    timings: dict[str, float],
+) -> Published:
+    """The trained network into the run: pictures, the served model (raw columns in), the
+    registry's new candidate, the compressed variant, the history."""
+    spec = shard_set.manifest.feature_spec
+    network = trained_network(cfg.model, spec, chief.load_state_dict())
+    residuals = _residuals(network, shard_set) if spec.task == "regression" else None
+    artifacts.log_pictures(run, chief.history, chief.steps_per_epoch, chief.confusion, residuals)
+    example = raw_example(spark, cfg)
+    requirements = pyfunc.pip_requirements()
+    with timed(timings, "model_logging"):
+        model_uri = pyfunc.log_model(network, spec, example, pip_requirements=requirements)
+    run.set_tags({TAG_MODEL_URI: model_uri})
+    version = None
+    if cfg.tracking.registered_model:
+        version = register(model_uri, cfg.tracking.registered_model)
+        run.set_tags(
+            {TAG_REGISTRY_MODEL: cfg.tracking.registered_model, TAG_REGISTRY_VERSION: version}
+        )
+    if cfg.compress.enabled:
+        with timed(timings, "compression"):
+            _publish_compressed(run, cfg, shard_set, network, example, version)
+    run.log_json(chief.history, artifacts.HISTORY_ARTIFACT)
+    if spec.task == "clustering":  # the final centroids' costs, beside the per-iteration ones
+        run.log_metrics(chief.final_metrics, step=int(chief.history[-1]["epoch"]))
+    return Published(model_uri, version)
+
+
+def validation_batches(shard_set: ShardSet) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
+    """The validation split as ``(model inputs, labels)`` batches (on the driver)."""
+    layout = Layout.of(shard_set.manifest.feature_spec)
+    for batch in read_split(shard_set.folder, shard_set.manifest, "validation"):
+        yield layout.inputs(batch), batch.label.numpy()
+
+
+def _residuals(network: torch.nn.Module, shard_set: ShardSet) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and actual values of the validation split (regression; on the driver)."""
+    predicted, actual = [], []
+    with torch.inference_mode():
+        for inputs, labels in validation_batches(shard_set):
+            predicted.append(network(inputs)[:, 0].float().numpy())
+            actual.append(labels)
+    if not predicted:
+        return np.empty(0), np.empty(0)
+    return np.concatenate(predicted), np.concatenate(actual)
+
+
+def _publish_compressed(
+    run: TrackedRun,
+    cfg: PipelineConfig,
+    shard_set: ShardSet,
+    network: torch.nn.Module,
+    example: pd.DataFrame,
+    trained_version: str | None,
+) -> None:
+    """Compress the trained network (``cfg.compress``), measure both, log the compressed one as
+    the run's ``model_compressed`` and, with a registered model, as a version of its own."""
+    compressed = compression.compress(network, cfg.compress)
+    report = compression.measure(network, compressed, validation_batches(shard_set), cfg.compress)
+    log.info("compression %s", report.summary())
+    artifacts.log_compression(run, report)
+    uri = pyfunc.log_model(
+        compressed,
+        shard_set.manifest.feature_spec,
+        example,
+        pip_requirements=pyfunc.pip_requirements(),
+        name="model_compressed",
+    )
+    tags = {TAG_COMPRESSION: report.method, TAG_COMPRESSED_MODEL_URI: uri}
+    if cfg.tracking.registered_model:
+        version = register_variant(
+            uri,
+            cfg.tracking.registered_model,
+            report.method,
+            {VAL_ACCURACY: report.after.accuracy},
+            trained_version,
+        )
+        tags[TAG_REGISTRY_COMPRESSED_VERSION] = version
+    run.set_tags(tags)
+
+
+def run_baseline(
+    spark: SparkSession, cfg: PipelineConfig, run: TrackedRun, manifest: Manifest
+) -> dict[str, float]:
+    """Spark MLlib on the same split (ETL again: the split is seeded), logged as ``mllib/*``:
+    logistic regression, linear regression or k-means by the task."""
+    prepared = prepare(spark, cfg)
+    try:
+        if prepared.rows != sum(s.rows for s in manifest.splits.values()):
+            log.warning("the baseline's rows differ from the shards' (the source changed?)")
+        result = baselines.for_pipeline(
+            prepared.train, prepared.validation, prepared.feature_spec, cfg
+        )
+    finally:
+        prepared.release()
+    log.info(
+        "Spark MLlib %s: %s (fit %.1f s)",
+        result.name,
+        ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()),
+        result.train_seconds,
+    )
+    return artifacts.log_baseline(run, result.name, result.metrics, result.train_seconds)

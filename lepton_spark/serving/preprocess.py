@@ -1,0 +1,157 @@
+"""Raw input columns → the model's input arrays, exactly as ETL prepared them on Spark (and back).
+
+What ETL does on Spark is done here with Arrow compute, the same way:
+
+- a categorical value is matched as Spark casts it to a string (``3`` → ``"3"``, ``True`` →
+  ``"true"``); a value not in the vocabulary, or null, is the "unknown" index 0;
+- a null, NaN or infinite number becomes the spec's ``fill_value``, then it is standardised with
+  the training statistics (when ``features.standardize`` was on);
+- text is lower-cased and split on anything but letters and digits, words become token ids.
+
+:func:`decode` goes the other way (shard rows as raw input columns), for checks and notebooks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lepton_spark.shards.loader import read_split
+from lepton_spark.shards.manifest import read_manifest
+from lepton_spark.spec import (
+    FIRST_WORD,
+    PAD_TOKEN,
+    TOKEN_SPLIT,
+    UNKNOWN_INDEX,
+    UNKNOWN_TOKEN,
+    FeatureSpec,
+)
+
+Columnar = pa.Table | pa.RecordBatch
+
+
+class Preprocessor:
+    """Raw columns → the model's input arrays (:mod:`lepton_spark.spec`), as ETL prepares them."""
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+        self._vocabularies = [pa.array(c.vocabulary, pa.string()) for c in spec.categorical]
+        self._word_ids = [
+            {w: i + FIRST_WORD for i, w in enumerate(t.vocabulary)} for t in spec.texts
+        ]
+
+    def missing_columns(self, columns: list[str]) -> list[str]:
+        return [c for c in self.spec.input_columns if c not in columns]
+
+    def __call__(self, data: Columnar) -> dict[str, np.ndarray]:
+        spec = self.spec
+        missing = self.missing_columns(data.schema.names)
+        if missing:
+            raise ValueError(
+                f"input lacks the model's columns {missing} (it has {data.schema.names}); "
+                f"the model reads {spec.input_columns}"
+            )
+        rows = data.num_rows
+        numeric = np.empty((rows, len(spec.numeric)), dtype=np.float32)
+        for i, name in enumerate(spec.numeric):
+            values = np.asarray(
+                pc.cast(data.column(name), pa.float64()).to_numpy(zero_copy_only=False),
+                dtype=np.float64,
+            ).copy()
+            values[~np.isfinite(values)] = spec.fill_value
+            scale = spec.standardize.get(name)
+            if scale is not None:
+                values = (values - scale.mean) / scale.std
+            numeric[:, i] = values
+        categorical = np.empty((rows, len(spec.categorical)), dtype=np.int64)
+        for i, (feature, vocabulary) in enumerate(
+            zip(spec.categorical, self._vocabularies, strict=True)
+        ):
+            column = data.column(feature.name)
+            if column.type != pa.string():
+                column = pc.cast(column, pa.string())
+            index = pc.index_in(column, value_set=vocabulary)  # null: not in the vocabulary
+            categorical[:, i] = (
+                pc.fill_null(index, UNKNOWN_INDEX - 1).to_numpy(zero_copy_only=False) + 1
+            )
+        out = {"numeric": numeric, "categorical": categorical}
+        for a in spec.arrays:
+            out[a.name] = _fixed_array(data.column(a.name), a.name, a.length).reshape(
+                rows, *a.shape
+            )
+        for t, ids in zip(spec.texts, self._word_ids, strict=True):
+            out[t.name] = token_ids(data.column(t.name).to_pylist(), ids, t.max_length)
+        return out
+
+
+def _fixed_array(column: Any, name: str, length: int) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        raise ValueError(f"array column {name!r} has {column.null_count} null rows")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths.min() != length or lengths.max() != length):
+        raise ValueError(
+            f"array column {name!r} has rows of {lengths.min()}..{lengths.max()} values; the "
+            f"model takes {length}"
+        )
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return values.reshape(len(column), length)
+
+
+def tokens(text: str | None) -> list[str]:
+    """Lower case, split on anything but letters and digits: what ETL does on Spark."""
+    return [t for t in re.split(TOKEN_SPLIT, (text or "").lower()) if t]
+
+
+def token_ids(texts: list[str | None], ids: dict[str, int], length: int) -> np.ndarray:
+    out = np.full((len(texts), length), PAD_TOKEN, dtype=np.int64)
+    for row, text in enumerate(texts):
+        words = tokens(text)[:length]
+        out[row, : len(words)] = [ids.get(w, UNKNOWN_TOKEN) for w in words]
+    return out
+
+
+def decode(
+    spec: FeatureSpec,
+    numeric: np.ndarray,
+    categorical: np.ndarray,
+    extras: tuple[np.ndarray, ...] = (),
+) -> pd.DataFrame:
+    """Preprocessed features back to raw columns (vocabulary values, unstandardised numbers,
+    arrays as lists, token ids as words): shard rows as the model's raw input, for checks and
+    notebooks. Categorical index 0 becomes ``None``; an unknown word is left out of the text."""
+    frame: dict[str, Any] = {}
+    for i, name in enumerate(spec.numeric):
+        scale = spec.standardize.get(name)
+        values = numeric[:, i].astype(np.float64)
+        frame[name] = values * scale.std + scale.mean if scale else values
+    for i, feature in enumerate(spec.categorical):
+        lookup = np.array([None, *feature.vocabulary], dtype=object)
+        frame[feature.name] = lookup[categorical[:, i]]
+    rest = iter(extras)
+    for a in spec.arrays:
+        frame[a.name] = list(next(rest).astype(np.float64))
+    for t in spec.texts:
+        words = np.array(["", "", *t.vocabulary], dtype=object)
+        frame[t.name] = [" ".join(w for w in words[row] if w) for row in next(rest)]
+    return pd.DataFrame(frame)
+
+
+def shard_rows(folder: str, split: str = "validation") -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+    """A split's shards as (raw input frame, labels) per record batch."""
+    manifest = read_manifest(folder)
+    for batch in read_split(folder, manifest, split):
+        raw = decode(
+            manifest.feature_spec,
+            batch.numeric.numpy(),
+            batch.categorical.numpy(),
+            tuple(t.numpy() for t in batch.extras),
+        )
+        yield raw, batch.label.numpy()

@@ -1,0 +1,151 @@
+"""The model MLflow stores: raw input columns in, prediction and class probabilities out.
+
+The network a rank trains sees preprocessed features (vocabulary indices, standardised numbers).
+The logged pyfunc model carries that preprocessing with it (the :class:`FeatureSpec`, artifact
+``feature_spec``), so ``mlflow.pyfunc.load_model(uri).predict(frame)`` takes the columns the
+pipeline's SQL transform produces, as they are (:mod:`lepton_spark.serving.preprocess`). The
+trained ``nn.Module`` is inside, as an ``mlflow.pytorch`` model (artifact ``network``), and
+lepton-spark's code travels with it (``code_paths``).
+
+Models logged before 0.2 name this class ``lepton_spark.serving.TabularModel`` in their pickle:
+:mod:`lepton_spark.serving` still answers to that name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata as md
+import json
+import logging
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel
+
+from lepton_spark.serving.scorer import NETWORK_ARTIFACT, SPEC_ARTIFACT, SPEC_FILE, Scorer
+from lepton_spark.spec import FeatureSpec
+
+
+class TabularModel(PythonModel):
+    """The pyfunc model MLflow stores: see the module's docstring."""
+
+    def load_context(self, context: Any) -> None:
+        import mlflow.pytorch
+
+        spec = FeatureSpec.model_validate_json(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
+        network = mlflow.pytorch.load_model(context.artifacts[NETWORK_ARTIFACT], map_location="cpu")
+        self.scorer = Scorer(spec, network)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
+        return self.scorer.predict_frame(model_input)
+
+
+def log_model(
+    network: torch.nn.Module,
+    spec: FeatureSpec,
+    raw_example: pd.DataFrame,
+    pip_requirements: list[str],
+    name: str = "model",
+) -> str:
+    """Log ``network`` with its preprocessing as a pyfunc model into the active run; its URI.
+
+    The package's own code travels with the model (``code_paths``), so it loads where
+    lepton-spark is not installed; a user's model class must be importable where it is loaded.
+    """
+    import mlflow
+    import mlflow.pytorch
+
+    scorer = Scorer(spec, network)
+    example_output = scorer.predict_frame(raw_example)
+    with tempfile.TemporaryDirectory(prefix="lepton-model-") as tmp, _quiet_mlflow():
+        signature = _signature(spec, raw_example, example_output)
+        spec_file = Path(tmp) / SPEC_FILE
+        spec_file.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        network_dir = Path(tmp) / NETWORK_ARTIFACT
+        mlflow.pytorch.save_model(
+            network,
+            str(network_dir),
+            serialization_format="pickle",
+            pip_requirements=pip_requirements,
+        )
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=TabularModel(),
+            artifacts={SPEC_ARTIFACT: str(spec_file), NETWORK_ARTIFACT: str(network_dir)},
+            code_paths=[str(_package_folder(Path(tmp)))],
+            signature=signature,
+            input_example=raw_example,
+            pip_requirements=pip_requirements,
+        )
+    return info.model_uri
+
+
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """The pickle formats are chosen on purpose (the network is a plain module, the preprocessing
+    a Python class); mlflow warns about them, and about int columns in the output, every time."""
+    loggers = [logging.getLogger(n) for n in ("mlflow.pytorch", "mlflow.pyfunc", "mlflow.models")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+            # Pickling a quantized module touches torch's deprecated TypedStorage.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _signature(spec: FeatureSpec, example: pd.DataFrame, output: pd.DataFrame) -> Any:
+    """Inputs as the example has them, but numbers as doubles and every column optional: a
+    missing number is filled and a missing category is "unknown", so MLflow must let them in."""
+    from mlflow.models import infer_signature
+    from mlflow.types import ColSpec, Schema
+
+    example = example.copy()
+    for name in spec.numeric:
+        example[name] = example[name].astype("float64")
+    for name in spec.categorical_names:  # integer codes: NaN must fit (3.0 is matched as "3")
+        if pd.api.types.is_integer_dtype(example[name]):
+            example[name] = example[name].astype("float64")
+    signature = infer_signature(example, output)
+    signature.inputs = Schema(
+        [ColSpec(c.type, c.name, required=False) for c in signature.inputs.inputs]
+    )
+    return signature
+
+
+def _package_folder(scratch: Path) -> Path:
+    """lepton_spark's source folder for ``code_paths``; extracted when it was imported from a
+    zip (spark-submit's ``--py-files``)."""
+    here = Path(__file__).parents[1]  # lepton_spark/, not lepton_spark/serving/
+    if here.is_dir():
+        return here
+    archive = next(p for p in here.parents if p.suffix == ".zip")
+    inside = here.relative_to(archive).as_posix()
+    with zipfile.ZipFile(archive) as zipped:
+        members = [m for m in zipped.namelist() if m.startswith(inside + "/")]
+        zipped.extractall(scratch / "code", members)
+    return scratch / "code" / inside
+
+
+def pip_requirements() -> list[str]:
+    """What loads a served model; lepton-spark itself travels inside it (``code_paths``)."""
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={np.__version__}",
+        f"pandas=={pd.__version__}",
+        f"pyarrow=={md.version('pyarrow')}",
+        f"pydantic=={md.version('pydantic')}",
+        f"mlflow=={md.version('mlflow')}",
+    ]

@@ -1,0 +1,106 @@
+"""A network and its preprocessing: predictions for raw Arrow or pandas input.
+
+Classification: ``prediction`` (the class) and ``probabilities``; regression: ``prediction`` (the
+value); clustering: ``prediction`` (the nearest centroid) and ``distances`` (squared).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from lepton_spark.serving.preprocess import Columnar, Preprocessor
+from lepton_spark.spec import FeatureSpec
+
+SPEC_ARTIFACT = "feature_spec"  # the served model's artifacts (see lepton_spark.serving.pyfunc)
+SPEC_FILE = "feature_spec.json"
+NETWORK_ARTIFACT = "network"
+
+
+PREDICTION = "prediction"
+
+PROBABILITIES = "probabilities"
+
+DISTANCES = "distances"
+
+
+def _list_column(matrix: np.ndarray) -> pa.Array:
+    rows, width = matrix.shape
+    flat = pa.array(matrix.reshape(-1).astype(np.float32))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, width * rows + 1, width, np.int32)), flat)
+
+
+class Scorer:
+    """A network and its preprocessing: predictions for raw Arrow or pandas input.
+
+    Classification: ``prediction`` (the class) and ``probabilities``; regression: ``prediction``
+    (the value); clustering: ``prediction`` (the nearest centroid) and ``distances`` (squared).
+    """
+
+    def __init__(self, spec: FeatureSpec, network: torch.nn.Module) -> None:
+        self.spec = spec
+        self.preprocess = Preprocessor(spec)
+        self.network = network.eval()
+
+    def outputs(self, data: Columnar | pd.DataFrame) -> np.ndarray:
+        """The network's raw outputs ``[rows, outputs]``."""
+        if isinstance(data, pd.DataFrame):
+            data = pa.Table.from_pandas(data, preserve_index=False)
+        inputs = {k: torch.from_numpy(v) for k, v in self.preprocess(data).items()}
+        with torch.inference_mode():
+            return self.network(inputs).float().numpy()
+
+    def probabilities(self, data: Columnar | pd.DataFrame) -> np.ndarray:
+        return _softmax(self.outputs(data))
+
+    def predict(self, data: Columnar | pd.DataFrame) -> dict[str, np.ndarray]:
+        outputs = self.outputs(data)
+        task = self.spec.task
+        if task == "classification":
+            probabilities = _softmax(outputs)
+            return {PREDICTION: probabilities.argmax(axis=1), PROBABILITIES: probabilities}
+        if task == "regression":
+            return {PREDICTION: outputs[:, 0].astype(np.float64)}
+        return {PREDICTION: outputs.argmax(axis=1), DISTANCES: -outputs}
+
+    def predict_frame(self, data: Columnar | pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(
+            {k: v if v.ndim == 1 else list(v) for k, v in self.predict(data).items()}
+        )
+
+    def predict_arrow(self, batch: pa.RecordBatch, keys: list[str]) -> pa.RecordBatch:
+        """``keys`` columns of ``batch`` as they are, then the predictions."""
+        predicted = self.predict(batch)
+        columns = [pa.array(v) if v.ndim == 1 else _list_column(v) for v in predicted.values()]
+        return pa.RecordBatch.from_arrays(
+            [*(batch.column(name) for name in keys), *columns],
+            names=[*keys, *predicted],
+        )
+
+
+def output_columns(spec: FeatureSpec) -> list[tuple[str, str]]:
+    """The prediction columns and their Spark SQL types, per task."""
+    if spec.task == "classification":
+        return [(PREDICTION, "bigint"), (PROBABILITIES, "array<float>")]
+    if spec.task == "regression":
+        return [(PREDICTION, "double")]
+    return [(PREDICTION, "bigint"), (DISTANCES, "array<float>")]
+
+
+def _softmax(outputs: np.ndarray) -> np.ndarray:
+    shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def load_scorer(model_dir: str | Path) -> Scorer:
+    """A :class:`Scorer` from a downloaded model folder (what :func:`log_model` wrote)."""
+    import mlflow.pytorch
+
+    artifacts = Path(model_dir) / "artifacts"
+    spec = FeatureSpec.model_validate_json((artifacts / SPEC_FILE).read_text())
+    network = mlflow.pytorch.load_model(str(artifacts / NETWORK_ARTIFACT), map_location="cpu")
+    return Scorer(spec, network)

@@ -1,0 +1,8 @@
+"""The contract between Spark and the ranks: Arrow shard folders and how ranks read them.
+
+:mod:`.format` (the file layout), :mod:`.manifest` (what a folder holds, which rank reads what),
+:mod:`.commit` (attempt folders, the manifest written last), :mod:`.storage` (local paths and
+``pyarrow.fs`` URIs), :mod:`.writer` (Spark's executors write the shards: the only module here
+that imports pyspark), :mod:`.local` (the same without Spark), :mod:`.loader` (a rank's shards
+as torch batches). Importing the package imports none of them.
+"""

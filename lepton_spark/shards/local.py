@@ -1,0 +1,46 @@
+"""Shard folders written without Spark: for tests, benchmarks and tools on machines without it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pyarrow as pa
+
+from lepton_spark.shards.commit import make_manifest, write_attempt
+from lepton_spark.shards.format import write_shard
+from lepton_spark.shards.manifest import Manifest, SplitInfo
+from lepton_spark.shards.storage import Location
+from lepton_spark.spec import FeatureSpec
+
+
+def write_local_shards(
+    folder: str | Path | Location,
+    splits: Mapping[str, Iterable[pa.Table]],
+    spec: FeatureSpec,
+    fingerprint: str = "local",
+) -> Manifest:
+    """Write and commit a shard folder from flat tables, one shard each (no Spark).
+
+    For tests, benchmarks and tools on machines without Spark.
+    """
+
+    def write(attempt: str) -> Manifest:
+        infos = {
+            name: _write_tables(folder, f"{attempt}/{name}", tables, spec)
+            for name, tables in splits.items()
+        }
+        return make_manifest(fingerprint, spec, infos)
+
+    return write_attempt(folder, write)
+
+
+def _write_tables(
+    folder: str | Path | Location, prefix: str, tables: Iterable[pa.Table], spec: FeatureSpec
+) -> SplitInfo:
+    infos = []
+    for i, table in enumerate(tables):
+        info = write_shard(folder, f"{prefix}/part-{i:05d}.arrow", table.to_batches(), spec)
+        if info is not None:
+            infos.append(info)
+    return SplitInfo(rows=sum(s.rows for s in infos), shards=infos)

@@ -1,0 +1,31 @@
+"""The optimizer and the learning-rate schedule a rank trains with (before Horovod wraps it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lepton_spark.config import TrainConfig
+
+
+def scaled_lr(cfg: TrainConfig, size: int) -> float:
+    """Linear scaling: ``lr`` is for one rank's batch; ``size`` ranks average ``size`` batches."""
+    return cfg.lr * size if cfg.lr_scaling == "linear" else cfg.lr
+
+
+def make_optimizer(cfg: TrainConfig, params: Any, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def make_schedule(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step learning-rate schedule: constant, or cosine decay to zero over the run."""
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

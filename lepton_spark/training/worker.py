@@ -1,0 +1,124 @@
+"""The per-rank training function: a plain function, callable with or without Spark.
+
+``train_worker(spec)`` initialises Horovod from the ``HOROVOD_*`` environment (or as a single
+rank when there is none), reads this rank's shards, trains data-parallel with
+``hvd.DistributedOptimizer`` and returns the metrics history (and, on rank 0, the trained weights).
+No Spark, no MLflow: progress and metrics leave through the ``report`` callback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+from lepton_spark.events import Phase
+from lepton_spark.shards.loader import ShardLoader
+from lepton_spark.training.checkpoint import Position
+from lepton_spark.training.devices import threads
+from lepton_spark.training.heartbeat import Beat, Heartbeat, no_beat
+from lepton_spark.training.job import Report, TrainResult, TrainSpec, state_bytes
+from lepton_spark.training.kmeans import train_kmeans
+from lepton_spark.training.loop import (
+    RankData,
+    announce,
+    checkpoint,
+    evaluate,
+    open_data,
+    reduce_epoch,
+    report_epoch,
+    resume,
+    set_up,
+    train_epoch,
+)
+
+__all__ = ["TrainResult", "TrainSpec", "train_rank", "train_worker"]
+
+
+def train_worker(
+    spec: TrainSpec, report: Report | None = None, beat: Beat | None = None
+) -> TrainResult:
+    """Train on this rank's shards; every rank must call it (it joins Horovod collectives).
+
+    ``report`` receives rank 0's events (progress, epoch metrics); ``beat`` (every rank's) is told
+    where the rank is at each step, for the driver's stall watch
+    (:mod:`lepton_spark.cluster.watchdog`).
+    """
+    import horovod.torch as hvd
+
+    # Set before hvd.init(); a value already in the environment (a user's) wins.
+    os.environ.setdefault("HOROVOD_CYCLE_TIME", str(spec.train.horovod_cycle_time_ms))
+    hvd.init()
+    try:
+        return _train(spec, hvd, report if hvd.rank() == 0 else None, beat or no_beat)
+    finally:
+        hvd.shutdown()
+
+
+def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> TrainResult:
+    rank, size = hvd.rank(), hvd.size()
+    torch.set_num_threads(threads(spec.train, hvd.local_size()))
+    data = open_data(spec, rank, size, hvd.local_rank(), beat)
+    if data.manifest.feature_spec.task == "clustering":
+        every_row = _every_row(spec, data, rank, size)
+        return train_kmeans(spec, hvd, report, beat, every_row, data.validation, data.device)
+    trainer = set_up(spec, hvd, data)
+    start = resume(spec, hvd, trainer)
+    announce(report, spec, size, data, trainer, start)
+    history = list(start.history)
+    confusion = None
+    position = start.position
+    for epoch in range(position.epoch, spec.train.epochs):
+        run = train_epoch(spec, rank, size, data, trainer, position, history, report, beat)
+        on_batch = functools.partial(beat, epoch, data.steps, Phase.EVALUATING)
+        val = evaluate(
+            trainer.model,
+            data.validation,
+            data.device,
+            trainer.objective,
+            on_batch,
+            trainer.precision,
+        )
+        beat(epoch, data.steps, Phase.REDUCING)
+        metrics, confusion = reduce_epoch(hvd, trainer, run, val, spec.train.batch_size)
+        history.append({"epoch": epoch + 1, **metrics})
+        beat(epoch, data.steps, Phase.EPOCH_CHECKPOINT)
+        position = Position(epoch + 1, 0, run.global_step)
+        checkpoint(spec, rank, trainer, history, position)
+        report_epoch(report, epoch + 1, metrics)
+    return TrainResult(
+        rank=rank,
+        size=size,
+        device=str(data.device),
+        steps_per_epoch=data.steps,
+        history=history,
+        state_dict=state_bytes(trainer.model.state_dict()) if rank == 0 else None,
+        confusion=confusion,
+        resumed_from=start.checkpoint_at,
+    )
+
+
+def _every_row(spec: TrainSpec, data: RankData, rank: int, size: int) -> ShardLoader:
+    """k-means visits every row of the rank's training shards: no steps to keep equal."""
+    return ShardLoader(
+        spec.shard_folder,
+        data.train_split.for_rank(rank, size),
+        layout=data.train.layout,
+        batch_size=max(spec.train.batch_size, 8192),
+        drop_last=False,
+        verify=False,  # checked by the training loader
+        pin_memory=data.device.type == "cuda",
+    )
+
+
+def train_rank(spec: TrainSpec, ctx: Any) -> TrainResult:
+    """The barrier-stage entry: ``ctx`` is a :class:`lepton_spark.cluster.task.RankContext`."""
+    if ctx.report is None:
+        return train_worker(spec)
+    heartbeat = Heartbeat(ctx.report, ctx.rank, ctx.slot.host)
+    try:
+        return train_worker(spec, report=ctx.report, beat=heartbeat.beat)
+    finally:
+        heartbeat.close()

@@ -1,0 +1,168 @@
+"""The pipeline on a real Spark standalone cluster (a master and 2 workers of 1 core on 127.0.0.1),
+submitted with spark-submit exactly as the README shows, with lepton_spark shipped as a wheel;
+then the same with Spark's authentication and encryption switched on."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from lepton_spark.cluster.standalone import StandaloneCluster
+from tests.helpers import ROOT, cli_env
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+SMALL = [
+    "--set",
+    "sources.events.generate.rows=60000",
+    "--set",
+    "train.epochs=2",
+]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """``make wheel``'s commands: the wheel spark-submit ships with --py-files, as a .zip."""
+    out = tmp_path_factory.mktemp("dist")
+    pip = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run(
+        [*pip, "-w", str(out), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    [built] = out.glob("lepton_spark-*.whl")
+    shipped = out / "lepton_spark.zip"  # Spark adds .zip (not .whl) files to sys.path
+    shipped.write_bytes(built.read_bytes())
+    return shipped
+
+
+def submit(
+    master: str, wheel: Path, work: Path, *args: str, properties: Path | None = None, env=None
+) -> subprocess.CompletedProcess:
+    command = [
+        str(BIN / "spark-submit"),
+        "--master",
+        master,
+        "--py-files",
+        str(wheel),
+        "--conf",
+        f"spark.pyspark.python={sys.executable}",
+        "--conf",
+        f"spark.pyspark.driver.python={sys.executable}",
+        "--conf",
+        "spark.executor.cores=1",
+        "--conf",
+        "spark.driver.host=127.0.0.1",
+    ]
+    if properties is not None:
+        command += ["--properties-file", str(properties)]
+    command += [
+        str(ROOT / "jobs" / "run_pipeline.py"),
+        str(ROOT / "pipelines" / "tabular_demo.yaml"),
+        *SMALL,
+        "--set",
+        f"tracking.local_store={work / 'mlruns-data'}",
+        "--set",
+        f"shards.root={work / 'shards'}",
+        "--set",
+        f"train.checkpoint_root={work / 'checkpoints'}",
+        *args,
+    ]
+    environment = {**cli_env(), "PATH": f"{BIN}:{cli_env().get('PATH', '')}", **(env or {})}
+    return subprocess.run(
+        command, cwd=work, env=environment, capture_output=True, text=True, timeout=600
+    )
+
+
+def finished_run(work: Path):
+    client = MlflowClient(f"sqlite:///{work / 'mlruns-data' / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("tabular-demo").experiment_id])
+    assert run.info.status == "FINISHED"
+    return client, run
+
+
+@pytest.fixture()
+def cluster(tmp_path) -> Iterator[StandaloneCluster]:
+    with StandaloneCluster(folder=tmp_path / "cluster", workers=2, cores_per_worker=1) as c:
+        yield c
+
+
+def test_the_pipeline_runs_on_a_two_worker_cluster_via_spark_submit(
+    cluster, wheel, tmp_path, horovod, starts_spark
+):
+    started = time.monotonic()
+    proc = submit(cluster.master_url, wheel, tmp_path, "--run-key", "2026-11-22")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"cluster run: {time.monotonic() - started:.1f} s")
+    client, run = finished_run(tmp_path)
+    assert run.data.tags["lepton.run_key"] == "2026-11-22"
+    assert float(run.data.metrics["val/accuracy"]) > 0.75
+    # The ranks ran the shipped wheel, not an installed copy.
+    assert "lepton_spark.zip" in run.data.tags["ranks.code"], run.data.tags["ranks.code"]
+    # One executor per worker (1 core each): the two ranks ran in separate executors.
+    for worker in (0, 1):
+        executors = list((cluster.folder / f"worker-{worker}").glob("app-*/*/stderr"))
+        assert executors, f"worker {worker} ran no executor"
+    # Rendezvous on the executor's own address, never on all interfaces.
+    printed = proc.stdout + proc.stderr
+    assert "Horovod rendezvous server at 127.0.0.1:" in printed
+    assert "rendezvous server at 0.0.0.0" not in printed
+
+    again = submit(cluster.master_url, wheel, tmp_path, "--run-key", "2026-11-22")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "finished already" in again.stdout
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_the_pipeline_runs_unchanged_with_authentication_and_encryption(
+    tmp_path, wheel, horovod, starts_spark
+):
+    secret = secrets.token_hex(16)
+    env_secret = "env-" + secrets.token_hex(12)
+    conf_secret = "conf-" + secrets.token_hex(12)
+    properties = tmp_path / "spark-secure.conf"
+    properties.write_text(
+        "spark.authenticate true\n"
+        f"spark.authenticate.secret {secret}\n"
+        "spark.network.crypto.enabled true\n"
+        "spark.io.encryption.enabled true\n"
+    )
+    properties.chmod(0o600)
+    with StandaloneCluster(folder=tmp_path / "cluster", secret=secret) as cluster:
+        # Without the secret the cluster turns the application away.
+        (tmp_path / "refused").mkdir()
+        started = time.monotonic()
+        refused = submit(cluster.master_url, wheel, tmp_path / "refused", "--set", "train.epochs=1")
+        print(f"refused in {time.monotonic() - started:.1f} s: rc {refused.returncode}")
+        assert refused.returncode != 0
+
+        proc = submit(
+            cluster.master_url,
+            wheel,
+            tmp_path,
+            "--set",
+            f"spark.conf.spark.hadoop.fs.s3a.secret.key={conf_secret}",
+            properties=properties,
+            env={"AWS_SECRET_ACCESS_KEY": env_secret, "MLFLOW_TRACKING_TOKEN": env_secret},
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        client, run = finished_run(tmp_path)
+        assert float(run.data.metrics["val/accuracy"]) > 0.75
+        # No secret in the run's params, tags or text artifacts, nor in what was printed.
+        seen = [proc.stdout, proc.stderr, str(run.data.params), str(run.data.tags)]
+        for name in ("config.yaml", "manifest.json", "skew_report.json", "history.json"):
+            seen.append(
+                Path(client.download_artifacts(run.info.run_id, name, tmp_path)).read_text()
+            )
+        for text in seen:
+            for value in (secret, env_secret, conf_secret):
+                assert value not in text
+        assert run.data.params["spark.conf.spark.hadoop.fs.s3a.secret.key"].endswith("(redacted)")
