@@ -21,20 +21,21 @@ from benchmarks._common import report
 from lepton_spark import run_pipeline
 from lepton_spark.config import load_config
 from lepton_spark.data.session import spark_session
+from lepton_spark.events import Event, Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 STALL_S = 10.0
 
 
-def timed_run(cfg: Any, spark: Any) -> tuple[float, list[tuple[float, dict]], Any]:
-    events: list[tuple[float, dict]] = []
+def timed_run(cfg: Any, spark: Any) -> tuple[float, list[tuple[float, Event]], Any]:
+    seen: list[tuple[float, Event]] = []
     started = time.monotonic()
-    result = run_pipeline(cfg, spark=spark, progress=lambda e: events.append((time.monotonic(), e)))
-    return time.monotonic() - started, events, result
+    result = run_pipeline(cfg, spark=spark, progress=lambda e: seen.append((time.monotonic(), e)))
+    return time.monotonic() - started, seen, result
 
 
-def first(events: list[tuple[float, dict]], kind: str, after: float = 0.0) -> float:
-    return next(t for t, e in events if e["event"] == kind and t >= after)
+def first(seen: list[tuple[float, Event]], kind: str, after: float = 0.0) -> float:
+    return next(t for t, e in seen if e.event == kind and t >= after)
 
 
 def main() -> None:
@@ -69,7 +70,7 @@ def main() -> None:
     kill_recovery = first(kill_events, "start", after=reported) - reported
     # Rank 0 reports step 50 (progress_every_steps) as rank 1 starts hanging after it.
     stalled = next(
-        t for t, e in hang_events if e["event"] == "progress" and (e["epoch"], e["step"]) == (1, 50)
+        t for t, e in hang_events if isinstance(e, Progress) and (e.epoch, e.step) == (1, 50)
     )
     hang_recovery = first(hang_events, "start", after=first(hang_events, "retry")) - stalled
     report(

@@ -29,6 +29,7 @@ from benchmarks._common import median, report
 from lepton_spark import run_pipeline
 from lepton_spark.config import load_config
 from lepton_spark.data.session import spark_session
+from lepton_spark.events import Event
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,10 +76,10 @@ def main() -> None:
         for name, cfg in configs.items():
             marks: dict[str, float] = {}
 
-            def progress(event: dict, marks: dict[str, float] = marks) -> None:
-                if event["event"] in ("start", "epoch"):
-                    marks.setdefault(event["event"], _driver_cpu())
-                    if event["event"] == "epoch":
+            def progress(event: Event, marks: dict[str, float] = marks) -> None:
+                if event.event in ("start", "epoch"):
+                    marks.setdefault(event.event, _driver_cpu())
+                    if event.event == "epoch":
                         marks["end"] = _driver_cpu()
 
             result = run_pipeline(cfg, spark=spark, progress=progress)

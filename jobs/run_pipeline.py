@@ -1,6 +1,6 @@
 """spark-submit entry point for a pipeline.
 
-    spark-submit --master spark://HOST:7077 --py-files dist/lepton_spark-0.1.0-py3-none-any.whl \
+    spark-submit --master spark://HOST:7077 --py-files dist/lepton_spark-0.2.0-py3-none-any.whl \
         jobs/run_pipeline.py pipelines/tabular_demo.yaml \
         [--run-key 2026-11-22] [--force] [--tracking-uri URI] [--set train.epochs=2 ...]
 

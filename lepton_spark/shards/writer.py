@@ -10,10 +10,11 @@ Each split is cut into ``n`` shards (a multiple of the number of ranks) by one o
 - ``range``: ``repartitionByRange(n, key)``, sorted by the key within each shard; the manifest
   records each shard's key bounds.
 
-Every executor task writes its partition as one shard file (:func:`~lepton_spark.shards.format.
-write_shard`) and returns only its name, rows, size, checksum and key bounds; the driver writes the
-manifest last (:func:`~lepton_spark.shards.commit.write_attempt`). The Spark side of the shards
-room: the only module in it that imports pyspark.
+Every executor task writes its partition as one shard file
+(:func:`~lepton_spark.shards.format.write_shard`) and returns only its name, rows, size,
+checksum and key bounds; the driver writes the manifest last
+(:func:`~lepton_spark.shards.commit.write_attempt`). The Spark side of the shards room: the only
+module in it that imports pyspark.
 """
 
 from __future__ import annotations

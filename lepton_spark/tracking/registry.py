@@ -25,10 +25,6 @@ from lepton_spark.names import (
     read_metric,
 )
 
-# Also importable from here, as before 0.2.
-COMPRESSION_TAG = VERSION_TAG_COMPRESSION
-METRIC_TAG_PREFIX = VERSION_TAG_METRIC_PREFIX
-
 
 @dataclass(frozen=True)
 class Decision:
@@ -60,12 +56,12 @@ def register_variant(
     """
     version = str(mlflow.register_model(model_uri, name).version)
     client = MlflowClient()
-    client.set_model_version_tag(name, version, COMPRESSION_TAG, method)
+    client.set_model_version_tag(name, version, VERSION_TAG_COMPRESSION, method)
     if source_version is not None:
         client.set_model_version_tag(name, version, VERSION_TAG_COMPRESSED_FROM, source_version)
     for metric, value in metrics.items():
         client.set_model_version_tag(
-            name, version, METRIC_TAG_PREFIX + current(metric), repr(float(value))
+            name, version, VERSION_TAG_METRIC_PREFIX + current(metric), repr(float(value))
         )
     return version
 
@@ -83,15 +79,17 @@ def _metric(client: MlflowClient, name: str, version: str, metric: str) -> float
     model_version = client.get_model_version(name, version)
     tags = model_version.tags or {}
     for key in (current(metric), legacy(current(metric))):
-        own = tags.get(METRIC_TAG_PREFIX + key)
+        own = tags.get(VERSION_TAG_METRIC_PREFIX + key)
         if own is not None:
             return float(own)
-    if COMPRESSION_TAG in tags:  # its run's metrics describe the uncompressed model
+    if VERSION_TAG_COMPRESSION in tags:  # its run's metrics describe the uncompressed model
         measured = sorted(
-            k.removeprefix(METRIC_TAG_PREFIX) for k in tags if k.startswith(METRIC_TAG_PREFIX)
+            k.removeprefix(VERSION_TAG_METRIC_PREFIX)
+            for k in tags
+            if k.startswith(VERSION_TAG_METRIC_PREFIX)
         )
         raise ValueError(
-            f"{name} version {version} is a compressed variant ({tags[COMPRESSION_TAG]}); "
+            f"{name} version {version} is a compressed variant ({tags[VERSION_TAG_COMPRESSION]}); "
             f"{metric!r} was not measured for it (it has {measured})"
         )
     run_id = model_version.run_id

@@ -10,8 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from lepton_spark.events import Heartbeat as HeartbeatEvent
-from lepton_spark.events import Phase
+from lepton_spark.events import Heartbeat, Phase
 
 Beat = Callable[..., None]  # beat(epoch, step, doing=Phase.TRAINING, n=0)
 
@@ -20,12 +19,12 @@ def no_beat(epoch: int, step: int, doing: Phase = Phase.TRAINING, n: int = 0) ->
     """The ``beat`` of a rank nobody watches (a test, a single process)."""
 
 
-class Heartbeat:
+class HeartbeatSender:
     """``beat`` is cheap enough for every step; sending happens on a thread. ``close`` it."""
 
     def __init__(
         self,
-        send: Callable[[HeartbeatEvent], None],
+        send: Callable[[Heartbeat], None],
         rank: int,
         host: str,
         interval_s: float = 1.0,
@@ -49,7 +48,7 @@ class Heartbeat:
             if position != sent:
                 epoch, step, doing, n = position
                 self._send(
-                    HeartbeatEvent(
+                    Heartbeat(
                         rank=self._rank, host=self._host, epoch=epoch, step=step, doing=doing, n=n
                     )
                 )

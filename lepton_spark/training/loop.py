@@ -20,7 +20,7 @@ from torch import nn
 from lepton_spark.errors import InputError
 from lepton_spark.events import Epoch, Phase, Progress, Start
 from lepton_spark.models import build_model
-from lepton_spark.names import TRAIN_EPOCH_SECONDS, TRAIN_LOSS, TRAIN_SAMPLES_PER_SECOND
+from lepton_spark.names import TRAIN_EPOCH_SECONDS, TRAIN_LOSS, TRAIN_SAMPLES_PER_SECOND, current
 from lepton_spark.shards.loader import Layout, ShardLoader
 from lepton_spark.shards.manifest import Manifest, SplitInfo, read_manifest
 from lepton_spark.training.checkpoint import Checkpoint, Position, load_checkpoint, save_checkpoint
@@ -140,7 +140,7 @@ def set_up(spec: TrainSpec, hvd: Any, data: RankData) -> Trainer:
         optimizer=optimizer,
         schedule=make_schedule(cfg, optimizer, total_steps=data.steps * cfg.epochs),
         objective=Objective(features, cfg),
-        layout=Layout.of(features),
+        layout=data.train.layout,
         device=data.device,
         precision=precision,
         scaler=torch.amp.GradScaler(data.device.type) if precision.scaler else None,
@@ -177,6 +177,7 @@ def resume(spec: TrainSpec, hvd: Any, trainer: Trainer) -> Resumed:
     if found is None:
         return Resumed(Position(), [], None)
     position, history, schedule_state = found
+    history = [{current(k): v for k, v in epoch.items()} for epoch in history]  # 0.1 names
     trainer.schedule.load_state_dict(schedule_state)
     log.info("rank %d resumes at epoch %d, step %d", hvd.rank(), position.epoch, position.step)
     return Resumed(position, history, (position.epoch, position.step))

@@ -18,7 +18,7 @@ from lepton_spark.events import Phase
 from lepton_spark.shards.loader import ShardLoader
 from lepton_spark.training.checkpoint import Position
 from lepton_spark.training.devices import threads
-from lepton_spark.training.heartbeat import Beat, Heartbeat, no_beat
+from lepton_spark.training.heartbeat import Beat, HeartbeatSender, no_beat
 from lepton_spark.training.job import Report, TrainResult, TrainSpec, state_bytes
 from lepton_spark.training.kmeans import train_kmeans
 from lepton_spark.training.loop import (
@@ -62,7 +62,7 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
     torch.set_num_threads(threads(spec.train, hvd.local_size()))
     data = open_data(spec, rank, size, hvd.local_rank(), beat)
     if data.manifest.feature_spec.task == "clustering":
-        every_row = _every_row(spec, data, rank, size)
+        every_row = _every_row(spec, data, rank, size, beat)
         return train_kmeans(spec, hvd, report, beat, every_row, data.validation, data.device)
     trainer = set_up(spec, hvd, data)
     start = resume(spec, hvd, trainer)
@@ -100,7 +100,7 @@ def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> Trai
     )
 
 
-def _every_row(spec: TrainSpec, data: RankData, rank: int, size: int) -> ShardLoader:
+def _every_row(spec: TrainSpec, data: RankData, rank: int, size: int, beat: Beat) -> ShardLoader:
     """k-means visits every row of the rank's training shards: no steps to keep equal."""
     return ShardLoader(
         spec.shard_folder,
@@ -110,6 +110,7 @@ def _every_row(spec: TrainSpec, data: RankData, rank: int, size: int) -> ShardLo
         drop_last=False,
         verify=False,  # checked by the training loader
         pin_memory=data.device.type == "cuda",
+        on_verified=functools.partial(beat, -1),
     )
 
 
@@ -117,7 +118,7 @@ def train_rank(spec: TrainSpec, ctx: Any) -> TrainResult:
     """The barrier-stage entry: ``ctx`` is a :class:`lepton_spark.cluster.task.RankContext`."""
     if ctx.report is None:
         return train_worker(spec)
-    heartbeat = Heartbeat(ctx.report, ctx.rank, ctx.slot.host)
+    heartbeat = HeartbeatSender(ctx.report, ctx.rank, ctx.slot.host)
     try:
         return train_worker(spec, report=ctx.report, beat=heartbeat.beat)
     finally:

@@ -26,8 +26,8 @@ DAG_ID = "lepton_spark_daily"
 TASK_ID = "run_pipeline"
 EXPERIMENT = "tabular-demo"  # the demo pipeline's name
 AIRFLOW_VENV = ROOT / ".venv-airflow"
-# The session options the project applies itself outside spark-submit (lepton_spark.etl), given
-# here: loopback only, no UI port, few shuffle partitions for a small table.
+# The session options the project applies itself outside spark-submit
+# (lepton_spark.data.session), given here: loopback only, no UI port, few shuffle partitions.
 SPARK_ARGS = (
     "--conf spark.driver.host=127.0.0.1 --conf spark.driver.bindAddress=127.0.0.1 "
     "--conf spark.ui.enabled=false --conf spark.ui.showConsoleProgress=false "

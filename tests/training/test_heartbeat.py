@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 
 from lepton_spark import events
-from lepton_spark.training.heartbeat import Heartbeat
+from lepton_spark.training.heartbeat import HeartbeatSender
 from tests.helpers import wait_until
 
 
 def test_heartbeats_reach_the_driver_and_stop_when_closed():
     sent: list[events.Heartbeat] = []
-    beat = Heartbeat(sent.append, rank=3, host="h", interval_s=0.05)
+    beat = HeartbeatSender(sent.append, rank=3, host="h", interval_s=0.05)
     beat.beat(0, 7)
     assert wait_until(lambda: any((e.epoch, e.step) == (0, 7) for e in sent), 5)
     beat.close()
