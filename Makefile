@@ -9,8 +9,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lepton-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format lock clean config-reference bench bench-data-path bench-memory \
-	bench-scaling bench-petastorm bench-petastorm-env bench-recovery bench-scoring bench-tracking wheel cluster-up cluster-down airflow-env
+.PHONY: setup demo test test-connect test-fast lint format lock clean config-reference bench bench-data-path bench-memory \
+	bench-scaling bench-petastorm bench-petastorm-env bench-recovery bench-scoring bench-tracking \
+	bench-estimator bench-connect wheel cluster-up cluster-down airflow-env
 
 $(STAMP): pyproject.toml constraints.txt scripts/install_horovod.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,8 +42,13 @@ cluster-down: setup
 airflow-env:
 	bash scripts/airflow_env.sh
 
+# Everything over classic Spark, then the 'connect' tests again over a Spark Connect server.
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --spark-mode=connect $(PYTEST_ARGS)
+
+test-connect: setup
+	$(BIN)/python -m pytest --spark-mode=connect $(PYTEST_ARGS)
 
 # Plain Python only (markers come from tests/conftest.py): no Spark, no Horovod ranks, not slow.
 # -m "not slow" adds the quick Spark and barrier-stage tests (about 5 minutes on 2 cores).
@@ -50,7 +56,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "unit and not slow" $(PYTEST_ARGS)
 
 # Benchmarks: measured side by side in one run, never timed tests (shared machines are noisy).
-bench: bench-data-path bench-memory bench-scaling bench-petastorm bench-scoring bench-tracking
+bench: bench-data-path bench-memory bench-scaling bench-petastorm bench-scoring bench-tracking \
+	bench-estimator bench-connect
 
 bench-data-path: setup
 	$(BIN)/python -m benchmarks.data_path
@@ -69,6 +76,12 @@ bench-scoring: setup
 
 bench-tracking: setup
 	$(BIN)/python -m benchmarks.tracking
+
+bench-estimator: setup
+	$(BIN)/python -m benchmarks.estimator_vs_pipeline
+
+bench-connect: setup
+	$(BIN)/python -m benchmarks.connect_vs_classic
 
 bench-petastorm: setup bench-petastorm-env
 	$(BIN)/python -m benchmarks.vs_petastorm

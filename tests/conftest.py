@@ -4,8 +4,13 @@ server on loopback) and the markers that follow from them.
 Markers are applied here, from the fixtures a test uses (directly or through other fixtures),
 never by hand: ``spark`` (it starts Spark: the ``spark`` fixture here, or ``starts_spark`` for
 another process, which the ``cli`` fixture uses), ``horovod`` (it starts Horovod ranks: the
-``horovod`` fixture), ``unit`` (neither: plain Python, no JVM, no ranks). ``slow`` is the one
-marker set by hand, on end-to-end runs.
+``horovod`` fixture), ``unit`` (neither: plain Python, no JVM, no ranks). Two markers are set
+by hand: ``slow`` on end-to-end runs, and ``connect`` on tests that hold on Spark Connect too.
+
+``--spark-mode=connect`` (``make test`` runs it after the classic run) starts a Spark Connect
+server from the pyspark install on 127.0.0.1, makes the ``spark`` fixture a Connect client of it,
+and runs only the ``connect`` tests: the same test, once over classic Spark and once over
+Connect. (One interpreter holds one kind of session: pyspark's own rule.)
 """
 
 from __future__ import annotations
@@ -37,12 +42,31 @@ _MARKING_FIXTURES = {
 }
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--spark-mode",
+        choices=("classic", "connect"),
+        default="classic",
+        help="connect: the spark fixture is a Spark Connect client; only 'connect' tests run",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    connect = config.getoption("--spark-mode") == "connect"
+    kept, dropped = [], []
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         marks = {m for name, ms in _MARKING_FIXTURES.items() if name in used for m in ms}
         for mark in sorted(marks) or ["unit"]:
             item.add_marker(mark)
+        (kept if not connect or item.get_closest_marker("connect") else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"spark mode: {config.getoption('--spark-mode')}"
 
 
 @pytest.fixture(scope="session")
@@ -70,10 +94,35 @@ def cli(starts_spark: None):
 
 
 @pytest.fixture(scope="session")
-def spark() -> Iterator:
+def spark_mode(request: pytest.FixtureRequest) -> str:
+    return str(request.config.getoption("--spark-mode"))
+
+
+@pytest.fixture(scope="session")
+def connect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A Spark Connect server (local[2]) on 127.0.0.1, from the pyspark install."""
+    from lepton_spark.cluster.connect_server import ConnectServer
+
+    server = ConnectServer(
+        folder=tmp_path_factory.mktemp("connect"),
+        master="local[2]",
+        conf={"spark.sql.shuffle.partitions": "4"},
+    ).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def spark(request: pytest.FixtureRequest, spark_mode: str) -> Iterator:
     from lepton_spark.config import SparkConfig
     from lepton_spark.data.session import spark_session
 
+    if spark_mode == "connect":
+        server = request.getfixturevalue("connect_server")
+        session = spark_session(SparkConfig(remote=server.url))
+        yield session
+        session.stop()
+        return
     session = spark_session(
         SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "4"}),
         app_name="lepton-spark tests",

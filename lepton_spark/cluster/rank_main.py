@@ -19,8 +19,15 @@ from pathlib import Path
 import cloudpickle
 
 from lepton_spark.cluster.channel import ENV_VAR, EventClient
-from lepton_spark.cluster.child import ERROR_FILE, IN_FILE, INPUT_ERROR_MARK, OUT_FILE
+from lepton_spark.cluster.child import (
+    ERROR_FILE,
+    HEARTBEAT_FILE,
+    IN_FILE,
+    INPUT_ERROR_MARK,
+    OUT_FILE,
+)
 from lepton_spark.errors import InputError
+from lepton_spark.events import Event, Heartbeat
 
 
 def _exit_when_orphaned(parent: int) -> None:
@@ -31,6 +38,23 @@ def _exit_when_orphaned(parent: int) -> None:
             os._exit(137)
 
 
+class _Reporter:
+    """The rank's ``report``: events to the driver (when there is a channel), and the latest
+    heartbeat position to ``HEARTBEAT_FILE`` for the task's own watch."""
+
+    def __init__(self, work: Path, client: EventClient | None) -> None:
+        self._file = work / HEARTBEAT_FILE
+        self._client = client
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Heartbeat):
+            tmp = self._file.with_suffix(".tmp")
+            tmp.write_text(f"{event.epoch} {event.step} {int(event.doing)} {event.n}")
+            tmp.replace(self._file)
+        if self._client is not None:
+            self._client.send(event)
+
+
 def main(workdir: str) -> int:
     work = Path(workdir)
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
@@ -38,8 +62,7 @@ def main(workdir: str) -> int:
         fn = cloudpickle.load(f)
         ctx = cloudpickle.load(f)
     client = EventClient(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
-    if client is not None:
-        ctx = dataclasses.replace(ctx, report=client.send)
+    ctx = dataclasses.replace(ctx, report=_Reporter(work, client))
     try:
         result = fn(ctx)
     except BaseException as err:

@@ -2,7 +2,10 @@
 
 A barrier stage needs all its slots at the same time; with too few it waits (and Spark retries
 for minutes). :func:`check_slots` asks Spark how many tasks can run now and says what is there
-and what was asked.
+and what was asked. Classic Spark answers exactly (the scheduler's concurrent-task count); a
+Spark Connect client asks what the server's configuration says (``local[N]``, executors × cores
+÷ ``spark.task.cpus``, ``local[*]`` by asking an executor how many cores it has), and when the
+configuration cannot tell, says so and leaves the last word to Spark's own barrier check.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import time
 from typing import Any
 
 from lepton_spark.errors import SlotsError
+from lepton_spark.sparkinfo import conf_value, is_connect, local_cores, master_of
 
 log = logging.getLogger(__name__)
 
 
-def available_slots(spark: Any) -> int:
-    """How many tasks the cluster can run at once right now (what a barrier stage needs)."""
+def available_slots(spark: Any) -> int | None:
+    """How many tasks the cluster can run at once right now (``None``: it cannot tell)."""
+    if is_connect(spark):
+        return _configured_slots(spark)
     sc = spark.sparkContext
     try:
         jsc = sc._jsc.sc()
@@ -26,6 +32,46 @@ def available_slots(spark: Any) -> int:
         return int(jsc.maxNumConcurrentTasks(profile))
     except Exception:  # not every deployment exposes it; local mode always does
         return int(sc.defaultParallelism)
+
+
+def _configured_slots(spark: Any) -> int | None:
+    """A Connect server's slots from its configuration (and, for ``local[*]``, its cores)."""
+    master = master_of(spark)
+    task_cpus = int(conf_value(spark, "spark.task.cpus", "1") or 1)
+    if master.startswith("local"):
+        cores = local_cores(master) or _executor_cores(spark)
+        return cores // task_cpus if cores else None
+    dynamic = (conf_value(spark, "spark.dynamicAllocation.enabled", "false") or "") == "true"
+    instances = conf_value(spark, "spark.executor.instances")
+    cores = conf_value(spark, "spark.executor.cores")
+    if not dynamic and instances and cores:
+        return int(instances) * (int(cores) // task_cpus)
+    cores_max = conf_value(spark, "spark.cores.max")  # standalone: the application's cap
+    return int(cores_max) // task_cpus if cores_max else None
+
+
+def _executor_cores(spark: Any) -> int | None:
+    """How many cores an executor may use (one small task asks the OS: the CPUs this process may
+    run on, which a container's cpuset limits, not the machine's count)."""
+    import pyarrow as pa
+
+    def ask(batches: Any) -> Any:
+        import os as _os
+
+        for _ in batches:
+            pass
+        try:
+            cores = len(_os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not Linux
+            cores = _os.cpu_count() or 0
+        yield pa.RecordBatch.from_pylist([{"cores": cores}])
+
+    try:
+        rows = spark.range(0, 1, 1, 1).mapInArrow(ask, "cores long").collect()
+        return int(rows[0]["cores"]) or None
+    except Exception as err:
+        log.debug("could not ask an executor for its cores: %s", err)
+        return None
 
 
 def check_slots(
@@ -37,25 +83,31 @@ def check_slots(
     ``wait_s`` (default ``spark.scheduler.maxRegisteredResourcesWaitingTime``, 30 s) for enough
     of them. With ``spark.task.resource.gpu.amount`` set, Spark counts only slots with GPUs.
     """
-    sc = spark.sparkContext
-    conf = sc.getConf()
-    task_gpus = float(conf.get("spark.task.resource.gpu.amount", "0"))
+    master = master_of(spark)
+    task_gpus = float(conf_value(spark, "spark.task.resource.gpu.amount", "0") or 0)
     local_gpus = None
-    if device == "cuda" and sc.master.startswith("local"):
+    if device == "cuda" and master.startswith("local"):
         import torch
 
         local_gpus = torch.cuda.device_count()
     if wait_s is None:
-        wait_s = (
-            0.0
-            if sc.master.startswith("local")
-            else spark_seconds(conf.get("spark.scheduler.maxRegisteredResourcesWaitingTime", "30s"))
-        )
+        waiting = conf_value(spark, "spark.scheduler.maxRegisteredResourcesWaitingTime", "30s")
+        wait_s = 0.0 if master.startswith("local") else spark_seconds(waiting or "30s")
+    if is_connect(spark):
+        wait_s = 0.0  # the server's configuration does not change while we wait
     deadline = time.monotonic() + wait_s
     while True:
-        problem = slot_problem(
-            num_workers, available_slots(spark), device, task_gpus, sc.master, local_gpus
-        )
+        slots = available_slots(spark)
+        if slots is None:
+            log.warning(
+                "the Spark Connect server's configuration does not say how many task slots it "
+                "has (%s); submitting %d ranks, and Spark's own barrier check fails the stage "
+                "if they cannot all run at once",
+                master or "no spark.master",
+                num_workers,
+            )
+            slots = num_workers
+        problem = slot_problem(num_workers, slots, device, task_gpus, master, local_gpus)
         if problem is None:
             return
         if time.monotonic() >= deadline or "train.device is 'cuda'" in problem:

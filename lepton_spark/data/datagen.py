@@ -49,6 +49,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from lepton_spark.config import GeneratedSource
+from lepton_spark.sparkinfo import default_parallelism
 
 CAT_A_WEIGHTS = [-1.6, -1.2, -0.9, -0.6, -0.3, -0.1, 0.1, 0.3, 0.6, 0.9, 1.2, 1.6]
 CAT_B_WEIGHTS = [-1.5, -0.8, -0.2, 0.2, 0.8, 1.5]
@@ -117,7 +118,7 @@ def generate(spark: SparkSession, source: GeneratedSource) -> DataFrame:
 
     ``source.rows`` rows, except ``digits`` (always 1,797), in ``source.partitions`` partitions.
     """
-    partitions = source.partitions or max(spark.sparkContext.defaultParallelism, 2)
+    partitions = source.partitions or max(default_parallelism(spark), 2)
     if source.kind == "digits":
         return _digits(spark, partitions)
     df = spark.range(0, source.rows, numPartitions=partitions)

@@ -1,9 +1,10 @@
 """The dataset fingerprint: what the shards were made from, so a second run can reuse them.
 
 It covers the input data as it is now (for files: every file's path, size and modification time;
-for tables: the Delta version when there is one, else the table's files; for generated data: the
-generator settings), the SQL transform, the feature spec, the split and the sharding settings. Any
-change gives a new fingerprint and a new shard folder; the same fingerprint finds the committed one.
+for tables: the Delta version when there is one, else the table's plan and files, so a temporary
+view of a notebook's DataFrame is fingerprinted by its query; for generated data: the generator
+settings), the SQL transform, the feature spec, the split and the sharding settings. Any change
+gives a new fingerprint and a new shard folder; the same fingerprint finds the committed one.
 """
 
 from __future__ import annotations
@@ -14,56 +15,47 @@ import logging
 import uuid
 from typing import Any
 
-from pyspark.sql import SparkSession
+from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 
 from lepton_spark import __version__
 from lepton_spark.config import PipelineConfig, SourceConfig
 from lepton_spark.errors import DataError
 from lepton_spark.shards.manifest import FORMAT_VERSION
+from lepton_spark.sparkinfo import Session
 
 log = logging.getLogger(__name__)
 
 FileState = tuple[str, int, int]  # path, bytes, modification time (ms)
+_FOLDERS = 10  # the folders a summary names (the fingerprint covers every file)
 
 
-def _hadoop(spark: SparkSession) -> tuple[Any, Any]:
-    return spark.sparkContext._jvm, spark.sparkContext._jsc.hadoopConfiguration()
+def list_files(spark: Session, *paths: str) -> list[FileState]:
+    """Every data file under ``paths`` (files, folders or globs, on any Hadoop filesystem),
+    sorted; hidden files (``_SUCCESS``, ``.crc``) as Spark's own readers skip them.
+
+    Asked through Spark's ``binaryFile`` source (only the listing: no file is read), so a Spark
+    Connect client gets the same answer as the driver of a classic session.
+    """
+    try:
+        rows = (
+            spark.read.format("binaryFile")
+            .option("recursiveFileLookup", "true")
+            .load(list(paths))
+            .select("path", "length", F.unix_millis("modificationTime").alias("ms"))
+            .collect()
+        )
+    except AnalysisException as err:
+        raise DataError(f"path {', '.join(paths)} does not exist ({_first_line(err)})") from None
+    return sorted((str(r["path"]), int(r["length"]), int(r["ms"])) for r in rows)
 
 
-def _state(status: Any) -> FileState:
-    """A Hadoop ``FileStatus`` as (path, bytes, modification time)."""
-    return status.getPath().toString(), status.getLen(), status.getModificationTime()
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def list_files(spark: SparkSession, path: str) -> list[FileState]:
-    """Every file under ``path`` (a file, folder or glob, any Hadoop filesystem), sorted."""
-    jvm, conf = _hadoop(spark)
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    fs = hpath.getFileSystem(conf)
-    matches = fs.globStatus(hpath)
-    if not matches:
-        raise DataError(f"path {path} does not exist")
-    files: list[FileState] = []
-    for status in matches:
-        if status.isDirectory():
-            found = fs.listFiles(status.getPath(), True)
-            while found.hasNext():
-                files.append(_state(found.next()))
-        else:
-            files.append(_state(status))
-    return sorted(files)
-
-
-def _file_states(spark: SparkSession, uris: list[str]) -> list[FileState]:
-    jvm, conf = _hadoop(spark)
-    states = []
-    for uri in uris:
-        hpath = jvm.org.apache.hadoop.fs.Path(uri)
-        states.append(_state(hpath.getFileSystem(conf).getFileStatus(hpath)))
-    return sorted(states)
-
-
-def _table_version(spark: SparkSession, table: str) -> int | None:
+def _table_version(spark: Session, table: str) -> int | None:
     """The Delta (or other versioned) table's current version, when it has one."""
     try:
         row = spark.sql(f"DESCRIBE HISTORY {table} LIMIT 1").first()
@@ -72,7 +64,32 @@ def _table_version(spark: SparkSession, table: str) -> int | None:
     return int(row["version"]) if row is not None else None
 
 
-def source_state(spark: SparkSession, name: str, source: SourceConfig) -> dict[str, Any]:
+def _is_temporary(spark: Session, table: str) -> bool:
+    """Whether ``table`` is a temporary view (a session's DataFrame, by its query)."""
+    try:
+        return bool(spark.catalog.getTable(table).isTemporary)
+    except Exception:  # not in the catalog as such: not a view of ours
+        return False
+
+
+def frame_state(df: DataFrame) -> dict[str, Any]:
+    """A DataFrame as it is now: its plan (``semanticHash``: the same query, the same hash, in
+    any session), its schema, and the state of the files Spark reports it reads.
+
+    A DataFrame built in a notebook, from local data or ``range``, has its data in its plan; one
+    over files changes when they do. (A JDBC or other non-file relation looks the same while its
+    rows change: rebuild its shards by hand, ``--rebuild-shards``.)
+    """
+    files = list(df.inputFiles())
+    return {
+        "plan": int(df.semanticHash()),
+        "schema": df.schema.json(),
+        "files": list_files(df.sparkSession, *files) if files else [],
+        "files_reported": len(files),
+    }
+
+
+def source_state(spark: Session, name: str, source: SourceConfig) -> dict[str, Any]:
     """What this source is made of right now."""
     if source.generate is not None:
         return {"generate": source.generate.model_dump(mode="json")}
@@ -81,10 +98,12 @@ def source_state(spark: SparkSession, name: str, source: SourceConfig) -> dict[s
         if version is not None:
             return {"table": source.table, "version": version}
         try:
-            files = _file_states(spark, list(spark.table(source.table).inputFiles()))
-        except Exception as err:
-            raise DataError(f"source {name!r}: table {source.table!r}: {err}") from None
-        return {"table": source.table, "files": files}
+            state = frame_state(spark.table(source.table))
+            return {"table": source.table, "temporary": _is_temporary(spark, source.table), **state}
+        except AnalysisException as err:
+            raise DataError(
+                f"source {name!r}: table {source.table!r}: {_first_line(err)}"
+            ) from None
     assert source.path is not None
     try:
         files = list_files(spark, source.path)
@@ -93,30 +112,40 @@ def source_state(spark: SparkSession, name: str, source: SourceConfig) -> dict[s
     return {"path": source.path, "format": source.format, "options": source.options, "files": files}
 
 
+def _unversioned(state: dict[str, Any]) -> bool:
+    if "generate" in state or "version" in state or state.get("files"):
+        return False
+    return "path" in state or not state.get("temporary")
+
+
 def _summary(state: dict[str, Any]) -> dict[str, Any]:
     """The state without its file list (which can be long): counts, bytes, newest change."""
     files = state.get("files")
     if files is None:
         return state
-    rest = {k: v for k, v in state.items() if k != "files"}
+    rest = {k: v for k, v in state.items() if k not in ("files", "schema")}
+    folders = sorted({f[0].rsplit("/", 1)[0] for f in files})
     return {
         **rest,
+        "folders": folders[:_FOLDERS]
+        + ([f"... {len(folders) - _FOLDERS} more"] if len(folders) > _FOLDERS else []),
         "files": len(files),
         "bytes": sum(f[1] for f in files),
         "newest_modification_ms": max((f[2] for f in files), default=0),
     }
 
 
-def dataset_fingerprint(spark: SparkSession, cfg: PipelineConfig) -> tuple[str, dict[str, Any]]:
+def dataset_fingerprint(spark: Session, cfg: PipelineConfig) -> tuple[str, dict[str, Any]]:
     """The fingerprint (hex) and a readable summary of what it covers (for the manifest)."""
     states = {name: source_state(spark, name, src) for name, src in cfg.sources.items()}
     for name, state in states.items():
-        if "files" in state and not state["files"]:
-            # A view over in-memory or JDBC data: nothing tells whether it changed, so its shards
-            # are never reused (a fresh value makes this fingerprint unique).
-            log.info("source %r has no files or version to fingerprint: shards are rewritten", name)
+        if _unversioned(state):
+            # Nothing tells whether it changed (an empty folder may fill up; a catalog table over
+            # JDBC has no files): its shards are never reused (a fresh value makes this
+            # fingerprint unique). A temporary view is its query: fingerprinted by its plan.
+            log.info("source %r has no files or version to fingerprint: shards rewritten", name)
             state["unversioned"] = uuid.uuid4().hex
-    shards = cfg.shards.model_dump(mode="json", exclude={"root", "skew_warning"})
+    shards = cfg.shards.model_dump(mode="json", exclude={"root", "skew_warning", "keep"})
     payload = {
         "format_version": FORMAT_VERSION,
         "lepton_spark": __version__,

@@ -5,36 +5,45 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.utils import AnalysisException
 
 from lepton_spark.config import PipelineConfig, SourceConfig
 from lepton_spark.data import datagen
 from lepton_spark.data.columns import is_vector
 from lepton_spark.errors import DataError
+from lepton_spark.sparkinfo import Session, is_connect
 
 
-def read_source(spark: SparkSession, name: str, source: SourceConfig) -> DataFrame:
+def read_source(spark: Session, name: str, source: SourceConfig) -> DataFrame:
     if source.generate is not None:
         return datagen.generate(spark, source.generate)
     if source.table is not None:
         try:
-            return spark.table(source.table)
+            return _analysed(spark.table(source.table))
         except AnalysisException as err:
             raise DataError(f"source {name!r}: table {source.table!r} not found: {err}") from None
     assert source.path is not None
-    if "://" not in source.path and not Path(source.path).exists():
+    if "://" not in source.path and not is_connect(spark) and not Path(source.path).exists():
         raise DataError(f"source {name!r}: path {source.path} does not exist")
     try:
-        return spark.read.format(source.format).options(**source.options).load(source.path)
+        reader = spark.read.format(source.format).options(**source.options)
+        return _analysed(reader.load(source.path))
     except AnalysisException as err:
         raise DataError(
             f"source {name!r}: cannot read {source.path} as {source.format}: {err}"
         ) from None
 
 
-def load_and_transform(spark: SparkSession, cfg: PipelineConfig) -> DataFrame:
+def _analysed(df: DataFrame) -> DataFrame:
+    """``df`` once Spark has resolved it: a Connect client learns of a missing table, path or
+    column only when it asks (classic Spark says at once), so ask here."""
+    _ = df.schema
+    return df
+
+
+def load_and_transform(spark: Session, cfg: PipelineConfig) -> DataFrame:
     """Register each source as a view under its name and apply the SQL transform."""
     frames = {name: read_source(spark, name, src) for name, src in cfg.sources.items()}
     if cfg.transform is None:
@@ -42,12 +51,12 @@ def load_and_transform(spark: SparkSession, cfg: PipelineConfig) -> DataFrame:
     for name, frame in frames.items():
         frame.createOrReplaceTempView(name)
     try:
-        return spark.sql(cfg.transform)
+        return _analysed(spark.sql(cfg.transform))
     except AnalysisException as err:
         raise DataError(f"transform: Spark SQL failed: {err}") from None
 
 
-def raw_example(spark: SparkSession, cfg: PipelineConfig, rows: int = 5) -> pd.DataFrame:
+def raw_example(spark: Session, cfg: PipelineConfig, rows: int = 5) -> pd.DataFrame:
     """A few rows of the transform's output, the model's input columns as the user has them
     (the served model's input example)."""
     f = cfg.features
@@ -58,4 +67,6 @@ def raw_example(spark: SparkSession, cfg: PipelineConfig, rows: int = 5) -> pd.D
             from pyspark.ml.functions import vector_to_array
 
             df = df.withColumn(a.name, vector_to_array(F.col(a.name)))
-    return df.toPandas()
+    frame = df.toPandas()
+    frame.attrs = {}  # a Connect client's plan metrics: not part of the example
+    return frame

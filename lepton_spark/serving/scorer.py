@@ -28,9 +28,10 @@ PROBABILITIES = "probabilities"
 DISTANCES = "distances"
 
 
-def _list_column(matrix: np.ndarray) -> pa.Array:
+def list_column(matrix: np.ndarray, dtype: type = np.float32) -> pa.Array:
+    """A ``[rows, width]`` matrix as an Arrow list column of ``dtype``."""
     rows, width = matrix.shape
-    flat = pa.array(matrix.reshape(-1).astype(np.float32))
+    flat = pa.array(matrix.reshape(-1).astype(dtype))
     return pa.ListArray.from_arrays(pa.array(np.arange(0, width * rows + 1, width, np.int32)), flat)
 
 
@@ -67,17 +68,43 @@ class Scorer:
             return {PREDICTION: outputs[:, 0].astype(np.float64)}
         return {PREDICTION: outputs.argmax(axis=1), DISTANCES: -outputs}
 
+    def predict_spark_ml(self, data: Columnar | pd.DataFrame) -> dict[str, np.ndarray]:
+        """Predictions as Spark ML's models give them: ``raw``, ``probability`` and a double
+        ``prediction`` for classification; a double ``prediction`` for regression; an integer
+        cluster for k-means.
+
+        ``raw`` are the logits less their mean over the classes: the same softmax, and for two
+        classes ``[-m, m]`` like Spark's logistic regression, so that its element 1 ranks the
+        rows as the probability of class 1 does (what ``BinaryClassificationEvaluator`` reads).
+        """
+        outputs = self.outputs(data).astype(np.float64)
+        task = self.spec.task
+        if task == "classification":
+            probabilities = _softmax(outputs).astype(np.float64)
+            return {
+                "raw": outputs - outputs.mean(axis=1, keepdims=True),
+                "probability": probabilities,
+                "prediction": probabilities.argmax(axis=1).astype(np.float64),
+            }
+        if task == "regression":
+            return {"prediction": outputs[:, 0]}
+        return {"prediction": outputs.argmax(axis=1).astype(np.int32)}
+
     def predict_frame(self, data: Columnar | pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(
             {k: v if v.ndim == 1 else list(v) for k, v in self.predict(data).items()}
         )
 
-    def predict_arrow(self, batch: pa.RecordBatch, keys: list[str]) -> pa.RecordBatch:
-        """``keys`` columns of ``batch`` as they are, then the predictions."""
+    def predict_arrow(
+        self, batch: pa.RecordBatch, keys: list[str], source: pa.RecordBatch | None = None
+    ) -> pa.RecordBatch:
+        """``keys`` columns as they are (of ``source``, default ``batch``), then the
+        predictions of ``batch``."""
         predicted = self.predict(batch)
-        columns = [pa.array(v) if v.ndim == 1 else _list_column(v) for v in predicted.values()]
+        columns = [pa.array(v) if v.ndim == 1 else list_column(v) for v in predicted.values()]
+        keyed = batch if source is None else source
         return pa.RecordBatch.from_arrays(
-            [*(batch.column(name) for name in keys), *columns],
+            [*(keyed.column(name) for name in keys), *columns],
             names=[*keys, *predicted],
         )
 
