@@ -72,6 +72,13 @@ def run(
     master: Annotated[
         str | None, typer.Option(help="Spark master (overrides spark.master).")
     ] = None,
+    remote: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SPARK_REMOTE",
+            help="A Spark Connect server, sc://HOST:PORT (overrides spark.remote).",
+        ),
+    ] = None,
     tracking_uri: Annotated[
         str | None,
         typer.Option(
@@ -108,6 +115,8 @@ def run(
         overrides = dict(parse_override(s) for s in [*(set_ or []), *(more or [])])
         if master:
             overrides["spark.master"] = master
+        if remote:
+            overrides["spark.remote"] = remote
         if num_workers:
             overrides["train.num_workers"] = num_workers
         cfg = load_config(pipeline, overrides)
@@ -165,7 +174,7 @@ def run(
         ("tracking", result.tracking_uri),
         ("open the UI", result.ui_command),
     ):
-        typer.echo(f"{label + ':':<13}{value}")
+        typer.echo(f"{label + ':':<13}{redact_text(value)}")  # a URI may carry a password
 
 
 @app.command()
@@ -222,6 +231,10 @@ def score(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     master: Annotated[str, typer.Option(help="Spark master.")] = "local[*]",
+    remote: Annotated[
+        str | None,
+        typer.Option(envvar="SPARK_REMOTE", help="A Spark Connect server, sc://HOST:PORT."),
+    ] = None,
     partitions: Annotated[
         int | None, typer.Option(help="Repartition the input first (more parallel tasks).")
     ] = None,
@@ -243,7 +256,9 @@ def score(
     mlflow.set_tracking_uri(resolve_tracking(TrackingConfig(), tracking_uri).tracking_uri)
     interrupts.install(signal.SIGTERM)
     try:
-        spark = spark_session(SparkConfig(master=master), app_name="lepton-spark score")
+        spark = spark_session(
+            SparkConfig(master=master, remote=remote), app_name="lepton-spark score"
+        )
         result = score_table(
             spark,
             model,
@@ -262,7 +277,7 @@ def score(
     console.print(
         f"scored {result.rows:,} rows in {result.seconds:.1f} s "
         f"({result.rows_per_second:,.0f} rows/s; model loaded by {result.model_loads} Python "
-        f"worker(s) for {result.batches} Arrow batches) → {result.output}"
+        f"worker(s) for {result.batches} Arrow batches) → {redact_text(result.output)}"
     )
 
 
@@ -280,8 +295,16 @@ def cluster_up(
     cores: Annotated[int, typer.Option(help="Cores per worker.")] = 1,
     memory: Annotated[str, typer.Option(help="Memory per worker.")] = "2g",
     folder: Annotated[Path, typer.Option(help="Logs, work folders, state.")] = CLUSTER_FOLDER,
+    insecure: Annotated[
+        bool, typer.Option(help="No secret: any local user can submit jobs to it.")
+    ] = False,
 ) -> None:
-    """Start a master and workers; print the master URL to pass to --master."""
+    """Start a master and workers; print the master URL to pass to --master.
+
+    By default the cluster has a generated secret, with Spark's authentication and encryption
+    on: applications join it with the properties file it writes (0600, in FOLDER)."""
+    import secrets
+
     from lepton_spark.cluster.standalone import StandaloneCluster
     from lepton_spark.errors import ClusterError
 
@@ -294,12 +317,24 @@ def cluster_up(
             workers=workers,
             cores_per_worker=cores,
             memory_per_worker=memory,
+            secret=None if insecure else secrets.token_hex(32),
         ).start()
     except ClusterError as err:
         _fail(str(err), 1)
     console.print(
         f"{workers} workers × {cores} core(s) up; web UI http://127.0.0.1:{cluster.webui_port}"
     )
+    if insecure:
+        console.print(
+            "[bold red]INSECURE: no secret, no authentication, no encryption: any user of this "
+            "machine can run code on this cluster[/bold red]"
+        )
+    else:
+        properties = cluster.write_properties()
+        console.print(
+            f"authentication and encryption on; join with: spark-submit --properties-file "
+            f"{properties} ..., or lepton-spark run ... --set spark.properties_file={properties}"
+        )
     typer.echo(cluster.master_url)
 
 
@@ -316,6 +351,91 @@ def cluster_down(
         return
     running.stop()
     console.print(f"stopped {running.master_url}")
+
+
+connect_app = typer.Typer(
+    no_args_is_help=True,
+    help="A Spark Connect server on this machine (127.0.0.1), from the pyspark install.",
+)
+app.add_typer(connect_app, name="connect")
+CONNECT_FOLDER = Path(".lepton/connect")
+
+
+@connect_app.command("up")
+def connect_up(
+    master: Annotated[str, typer.Option(help="The server's Spark master.")] = "local[2]",
+    port: Annotated[int, typer.Option(help="Port (default: a free one).")] = 0,
+    folder: Annotated[Path, typer.Option(help="Log and state.")] = CONNECT_FOLDER,
+) -> None:
+    """Start a Spark Connect server; print the sc:// URL to pass to --remote."""
+    from lepton_spark.cluster.connect_server import ConnectServer
+    from lepton_spark.errors import ClusterError
+
+    running = ConnectServer.load(folder.resolve())
+    if running is not None:
+        _fail(f"a Connect server is already up at {running.url} (lepton-spark connect down)", 1)
+    try:
+        server = ConnectServer(folder=folder.resolve(), master=master, port=port).start()
+    except ClusterError as err:
+        _fail(str(err), 1)
+    console.print(f"Spark Connect server ({master}) up; log in {folder / 'server.log'}")
+    typer.echo(server.url)
+
+
+@connect_app.command("down")
+def connect_down(
+    folder: Annotated[Path, typer.Option(help="The folder given to 'up'.")] = CONNECT_FOLDER,
+) -> None:
+    """Stop the Spark Connect server started by 'up'."""
+    from lepton_spark.cluster.connect_server import ConnectServer
+
+    running = ConnectServer.load(folder.resolve())
+    if running is None:
+        console.print(f"no Connect server is up (nothing in {folder})")
+        return
+    running.stop()
+    console.print(f"stopped {running.url}")
+
+
+shards_app = typer.Typer(no_args_is_help=True, help="Shard folders under a shards root.")
+app.add_typer(shards_app, name="shards")
+
+
+@shards_app.command("gc")
+def shards_gc(
+    pipeline: Annotated[
+        Path | None,
+        typer.Argument(help="A pipeline YAML: its shards.root, name and shards.keep."),
+    ] = None,
+    root: Annotated[
+        str | None, typer.Option(help="The shards root (a path or URI; default: the pipeline's).")
+    ] = None,
+    keep: Annotated[
+        int | None,
+        typer.Option(help="Committed folders kept per pipeline (default: shards.keep, 5)."),
+    ] = None,
+) -> None:
+    """Remove committed shard folders beyond the newest KEEP per pipeline (folders still being
+    written are left alone)."""
+    from lepton_spark.config import ShardConfig
+    from lepton_spark.shards import gc
+
+    name = None
+    shards = ShardConfig()
+    if pipeline is not None:
+        try:
+            cfg = load_config(pipeline)
+        except ConfigError as err:
+            _fail(str(err), EXIT_BAD_INPUT)
+        name, shards = cfg.name, cfg.shards
+    where = root or shards.root
+    try:
+        removed = gc.collect(where, name, shards.keep if keep is None else keep)
+    except (OSError, ValueError) as err:
+        _fail(f"shards gc {redact_text(where)}: {err}", EXIT_BAD_INPUT)
+    for uri in removed:
+        typer.echo(redact_text(uri))
+    console.print(f"removed {len(removed)} shard folder(s) under {redact_text(where)}")
 
 
 def _innermost(err: BaseException) -> str:

@@ -60,6 +60,27 @@ class BaselineError(InputError):
     """The frames or arguments cannot be used for an MLlib baseline."""
 
 
+class PathError(InputError):
+    """A folder the user pointed at cannot be written: it names the field or option and the
+    path (exit 2; a full or failing disk is a :class:`StorageError`, exit 4)."""
+
+
+class StorageError(InfrastructureError):
+    """The storage under a path the user gave failed: no space left, read-only, I/O (exit 4)."""
+
+
+def path_error(err: OSError, where: str, path: object) -> InputError | InfrastructureError:
+    """The named error for an OS failure at ``path`` (given as ``where``: a config field such
+    as ``shards.root``, or a CLI option such as ``--output``)."""
+    import errno
+
+    why = err.strerror or type(err).__name__
+    storage = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+    if err.errno in storage:
+        return StorageError(f"{where} {path}: {why}")
+    return PathError(f"{where} {path} cannot be written: {why}")
+
+
 # -- the barrier stage: exit 3, or 2/4 by the subclass ---------------------------------------------
 
 

@@ -6,17 +6,20 @@ moves them as one JSON object per line; :func:`encode` and :func:`decode` are th
 in and out, so a message that does not match its schema (a wrong type, a missing or unknown field,
 another version) is refused at the door instead of surprising a consumer later.
 
-=============  ================  ==========================================================
-``event``      sent by           what it says
-=============  ================  ==========================================================
-``start``      rank 0            the attempt started: ranks, device, precision, epochs, steps
-``progress``   rank 0            every ``train.progress_every_steps`` steps: loss, throughput
-``epoch``      rank 0            an epoch's allreduced metrics (named as in :mod:`.names`)
-``heartbeat``  every rank        where the rank is (:class:`Phase`), once a second if it moved
-``rank_failed``every rank's task  the rank's error, and whether it was bad input
-``rendezvous`` rank 0's task     where the Horovod rendezvous server listens
-``retry``      the driver        the training stage runs again (for the console)
-=============  ================  ==========================================================
+===============  ===================  ======================================================
+``event``        sent by              what it says
+===============  ===================  ======================================================
+``start``        rank 0               the attempt started: ranks, device, precision, epochs
+``progress``     rank 0               every ``train.progress_every_steps`` steps: loss,
+                                      throughput
+``epoch``        rank 0               an epoch's allreduced metrics (named as in ``names``)
+``heartbeat``    every rank           where the rank is (:class:`Phase`), once a second
+``rank_failed``  every rank's task    the rank's error: bad input? stopped by its task?
+``rendezvous``   rank 0's task        where the Horovod rendezvous server listens
+``retry``        the driver           the training stage runs again (for the console)
+``dropped``      the driver           the event channel refused messages (by reason), at the
+                                      end of a stage: logged as ``events/dropped_<reason>``
+===============  ===================  ======================================================
 
 Pure pydantic: importable by the ranks without Spark or MLflow.
 """
@@ -91,7 +94,8 @@ class RankFailed(_Message):
     event: Literal["rank_failed"] = "rank_failed"
     rank: int = Field(ge=0)
     error: str
-    input_error: bool = False
+    input_error: bool = False  # bad input: no retry helps
+    stalled: bool = False  # stopped by its own task's watch
 
 
 class Rendezvous(_Message):
@@ -106,8 +110,13 @@ class Retry(_Message):
     of: int = Field(ge=1)
 
 
+class Dropped(_Message):
+    event: Literal["dropped"] = "dropped"
+    counts: dict[str, int]  # reason → messages (or connections) refused
+
+
 Event = Annotated[
-    Start | Progress | Epoch | Heartbeat | RankFailed | Rendezvous | Retry,
+    Start | Progress | Epoch | Heartbeat | RankFailed | Rendezvous | Retry | Dropped,
     Field(discriminator="event"),
 ]
 _EVENT: TypeAdapter[Any] = TypeAdapter(Event)

@@ -40,6 +40,10 @@ TAG_COMPRESSION = "compression"
 TAG_COMPRESSED_MODEL_URI = "compressed_model_uri"
 TAG_REGISTRY_COMPRESSED_VERSION = "registry.compressed_version"
 TAG_BASELINE = "baseline"
+TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: the UI nests the run under its parent
+TAG_SEARCH = "lepton.search"  # a parameter search's parent run: how many candidates
+DATASET_CONTEXT = "training"  # the dataset input's mlflow.data.context
+INPUT_VIEW_PREFIX = "lepton_input_"  # TorchEstimator.fit's DataFrame, as a temporary view
 
 # Model version tags (the registry).
 VERSION_TAG_COMPRESSION = "lepton.compression"
@@ -75,6 +79,7 @@ TIME_PREFIX = "time/"  # time/<stage>_s: etl, shards, training, model_logging, .
 SKEW_PREFIX = "skew/"  # skew/<split>_<shard|rank>_max_over_mean
 DATA_PREFIX = "data/"  # data/bad_values.<column>, data/rows_dropped, data/rows_filled
 MLLIB_PREFIX = "mllib/"  # mllib/<metric>, mllib/train_seconds
+EVENTS_DROPPED_PREFIX = "events/dropped_"  # + reason: what the event channel refused, per stage
 COMPRESS_MODEL_SIZE = "compress/model_size_bytes"
 COMPRESS_MODEL_LATENCY = "compress/model_latency_ms_per_batch"
 COMPRESS_SIZE = "compress/size_bytes"

@@ -24,9 +24,9 @@ PACKAGE = ROOT / "lepton_spark"
 
 # room → the rooms it may import (``foundation`` is everyone's). The same table is in
 # docs/architecture.md, "The rooms and what each may import".
-FOUNDATION = {"errors", "names", "events", "spec", "redact", "config", "__version__"}
+FOUNDATION = {"errors", "names", "events", "spec", "redact", "config", "sparkinfo", "__version__"}
 ALLOWED: dict[str, set[str]] = {
-    "front door": {"pipeline"},  # lepton_spark/__init__.py: run_pipeline, lazily
+    "front door": {"pipeline", "ml"},  # lepton_spark/__init__.py: lazily
     "foundation": set(),
     "models": set(),
     "shards": set(),
@@ -46,7 +46,8 @@ ALLOWED: dict[str, set[str]] = {
         "models",
         "baselines",
     },
-    "cli": {"pipeline", "cluster", "tracking", "serving", "data"},
+    "ml": {"pipeline", "serving", "data", "tracking"},
+    "cli": {"pipeline", "cluster", "tracking", "serving", "data", "shards"},
 }
 # Rooms that must never import these third-party packages.
 FORBIDDEN = {
@@ -54,6 +55,7 @@ FORBIDDEN = {
     "shards": {"mlflow"},
     "models": {"pyspark", "mlflow"},
     "cluster": {"mlflow"},
+    "ml": {"horovod"},
     "tracking": {"pyspark"},
     "foundation": {"pyspark", "mlflow", "torch"},
 }

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import time
 
 import pytest
 
 from lepton_spark import events
-from lepton_spark.cluster.channel import EventClient, EventServer
+from lepton_spark.cluster.channel import (
+    FIRST_LINE_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    MAX_LINE_BYTES,
+    EventClient,
+    EventServer,
+    sign,
+)
 from tests.helpers import wait_until
 
 PROGRESS = events.Progress(
@@ -56,22 +65,65 @@ def test_a_message_that_does_not_match_its_schema_is_refused(data, why):
     assert why in str(refused.value) or why == "JSON"
 
 
-def test_the_driver_gets_only_valid_events_carrying_its_token():
+def signed_line(key: str, sender: str, seq: int, event: dict | str, sig: str | None = None):
+    body = event if isinstance(event, str) else json.dumps(event)
+    line = {"sender": sender, "seq": seq, "body": body}
+    line["sig"] = sig if sig is not None else sign(key, sender, seq, body)
+    return json.dumps(line).encode() + b"\n"
+
+
+def test_the_driver_gets_only_signed_fresh_valid_events():
     received: list[events.Event] = []
     with EventServer("127.0.0.1", received.append) as server:
-        host, port, token = server.address.rsplit(":", 2)
+        host, port, key = server.address.rsplit(":", 2)
+        assert key not in server.where
         client = EventClient(server.address)
         client.send(PROGRESS)
         assert wait_until(lambda: received == [PROGRESS], 10)
+        forged_epoch = {"event": "epoch", "epoch": 1, "metrics": {"val/accuracy": 1.0}}
+        retry = events.encode(events.Retry(attempt=2, of=3))
         with socket.create_connection((host, int(port))) as raw:
-            lines = [
-                {"token": token, "event": "epoch", "epoch": 1, "metrics": {"x": "high"}},
-                {"token": token, "event": "nonsense"},
-                {"token": token, **events.encode(events.Retry(attempt=2, of=3))},
-            ]
-            raw.sendall(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
-        with socket.create_connection((host, int(port))) as raw:  # no token: the line is dropped
-            raw.sendall(json.dumps(events.encode(events.Retry(attempt=9, of=9))).encode() + b"\n")
+            raw.sendall(
+                b"".join(
+                    [
+                        b"not json\n",
+                        json.dumps({"token": key, **forged_epoch}).encode() + b"\n",  # unsigned
+                        signed_line("0" * 64, "peer", 1, forged_epoch),  # another key
+                        signed_line(key, "peer", 1, forged_epoch, sig="ab" * 32),  # forged
+                        signed_line(key, "peer", 2, {"event": "nonsense"}),  # invalid
+                        signed_line(key, "peer", 3, retry),  # fine
+                        signed_line(key, "peer", 3, retry),  # replayed
+                        signed_line(key, "peer", 1, retry),  # replayed, older
+                    ]
+                )
+            )
         client.close()
-        assert wait_until(lambda: len(received) == 2 and server.dropped == 3, 10)
+        expected = {"not_json": 1, "unsigned": 1, "bad_signature": 2, "invalid": 1, "replayed": 2}
+        assert wait_until(lambda: len(received) == 2 and server.dropped == expected, 10), (
+            server.dropped
+        )
     assert received == [PROGRESS, events.Retry(attempt=2, of=3)]
+
+
+def test_an_oversized_line_closes_its_connection_and_idle_peers_do_not_block_ranks():
+    received: list[events.Event] = []
+    with EventServer("127.0.0.1", received.append) as server:
+        host, port, _ = server.address.rsplit(":", 2)
+        # the server hangs up mid-line: the second write may fail
+        with socket.create_connection((host, int(port))) as raw, contextlib.suppress(OSError):
+            raw.sendall(b"x" * (MAX_LINE_BYTES + 10))
+            raw.sendall(b"x" * (8 << 20))
+        assert wait_until(lambda: server.dropped.get("oversized") == 1, 10), server.dropped
+        # More idle connections than the limit, left open: those over it are refused at once,
+        # the others closed when they have sent nothing valid in time; then a rank gets in.
+        idle = [socket.create_connection((host, int(port))) for _ in range(MAX_CONNECTIONS + 44)]
+        try:
+            assert wait_until(lambda: server.dropped.get("refused", 0) == 44, 10), server.dropped
+            time.sleep(FIRST_LINE_TIMEOUT_S + 1)
+            client = EventClient(server.address)
+            client.send(PROGRESS)
+            assert wait_until(lambda: received == [PROGRESS], 10), server.dropped
+            client.close()
+        finally:
+            for sock in idle:
+                sock.close()

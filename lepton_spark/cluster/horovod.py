@@ -1,7 +1,8 @@
 """Horovod's part of the barrier stage: its environment for a slot, and its Gloo rendezvous server.
 
-Rank 0's task starts :class:`RendezvousService` bound to its executor's address (never 0.0.0.0)
-for the stage; every rank's child process gets :func:`horovod_env`, which ``hvd.init()`` reads.
+Rank 0's task starts :class:`RendezvousService` bound to its executor's address (never 0.0.0.0),
+guarded by the stage's secret and its slot addresses, and closed as soon as every rank has
+initialised; every rank's child process gets :func:`horovod_env`, which ``hvd.init()`` reads.
 """
 
 from __future__ import annotations
@@ -11,8 +12,18 @@ import threading
 from lepton_spark.cluster.topology import Slot
 
 
-def horovod_env(slot: Slot, rendezvous: tuple[str, int], iface: str, timeout_s: int) -> dict:
-    return {
+def horovod_env(
+    slot: Slot,
+    rendezvous: tuple[str, int],
+    iface: str,
+    timeout_s: int,
+    stall_timeout_s: float | None = None,
+) -> dict:
+    """A rank's Horovod environment: its place in the stage, the rendezvous, Gloo and NCCL on
+    the one interface the slot's address is on, and (``stall_timeout_s``) Horovod's own stall
+    check, which shuts a collective down that some rank never joins: a bound that holds with
+    no event channel at all."""
+    env = {
         "HOROVOD_RANK": str(slot.rank),
         "HOROVOD_SIZE": str(slot.size),
         "HOROVOD_LOCAL_RANK": str(slot.local_rank),
@@ -24,19 +35,36 @@ def horovod_env(slot: Slot, rendezvous: tuple[str, int], iface: str, timeout_s: 
         "HOROVOD_GLOO_RENDEZVOUS_PORT": str(rendezvous[1]),
         "HOROVOD_GLOO_IFACE": iface,
         "HOROVOD_GLOO_TIMEOUT_SECONDS": str(timeout_s),
+        "NCCL_SOCKET_IFNAME": iface,
         "HOROVOD_CONTROLLER": "gloo",
         "HOROVOD_CPU_OPERATIONS": "gloo",
     }
+    if stall_timeout_s:
+        check = max(1, int(stall_timeout_s))
+        env["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(check)
+        env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(2 * check)
+    return env
 
 
 class RendezvousService:
-    """Horovod's Gloo rendezvous HTTP server, bound to one address, for one stage."""
+    """Horovod's Gloo rendezvous HTTP server, bound to one address, for one stage's start-up.
 
-    def __init__(self, host: str, slots: list[Slot]) -> None:
+    It answers only the stage's slot addresses, and only requests whose path carries the
+    stage's secret (``/SECRET:PORT/scope/key``: the ranks' address is ``host:port/SECRET``, which
+    Horovod's HTTP store puts in front of every path; see :func:`rendezvous_address`). Anything
+    else gets 403 and is counted (:attr:`refused`). Once every rank has said that its
+    ``hvd.init()`` returned (:func:`lepton_spark.training.worker.tell_rendezvous_ready`: a PUT
+    under ``/SECRET:PORT/lepton_ready/RANK``), the server closes itself: the Gloo pairs are
+    connected, and nothing may join them later.
+    """
+
+    def __init__(self, host: str, slots: list[Slot], secret: str) -> None:
         from horovod.runner.common.util.hosts import SlotInfo
-        from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+        from horovod.runner.http.http_server import RendezvousHTTPServer
 
-        self._httpd = RendezvousHTTPServer((host, 0), RendezvousHandler, 0)
+        self._httpd = RendezvousHTTPServer((host, 0), _guarded_handler(), 0)
+        self._httpd.daemon_threads = True  # a slow client never holds up a stop
+        self._httpd.block_on_close = False
         self._httpd.init(
             [
                 SlotInfo(
@@ -51,6 +79,14 @@ class RendezvousService:
                 for s in slots
             ]
         )
+        port = self._httpd.server_address[1]
+        self._httpd.lepton_prefix = f"/{secret}:{port}/"
+        self._httpd.lepton_allowed = {s.host for s in slots}
+        self._httpd.lepton_refused = 0
+        self._httpd.lepton_ready = set()
+        self._httpd.lepton_size = len(slots)
+        self._httpd.lepton_on_done = self._close_soon
+        self._closed = threading.Event()
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="horovod-rendezvous", daemon=True
         )
@@ -61,7 +97,74 @@ class RendezvousService:
         host, port = self._httpd.server_address[:2]
         return str(host), int(port)
 
+    @property
+    def refused(self) -> int:
+        """Requests turned away: from an address not in the stage, or without its secret."""
+        return int(self._httpd.lepton_refused)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def _close_soon(self) -> None:
+        threading.Thread(target=self.stop, name="horovod-rendezvous-close", daemon=True).start()
+
     def stop(self) -> None:
+        """Stop serving and close the port; never waits on a client (idempotent)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+
+READY_SCOPE = "lepton_ready"  # training.worker.tell_rendezvous_ready writes under it
+
+
+def rendezvous_address(host: str, port: int, secret: str) -> str:
+    """``HOROVOD_GLOO_RENDEZVOUS_ADDR`` carrying the stage's secret: Horovod's HTTP store builds
+    ``http://{ADDR}:{PORT}/{scope}/{key}``, so every request's path starts ``/SECRET:PORT/``."""
+    return f"{host}:{port}/{secret}"
+
+
+def _guarded_handler() -> type:
+    from horovod.runner.http.http_server import RendezvousHandler
+
+    class Guarded(RendezvousHandler):
+        def _admit(self) -> bool:
+            server = self.server
+            if self.client_address[0] not in server.lepton_allowed or not self.path.startswith(
+                server.lepton_prefix
+            ):
+                server.lepton_refused += 1
+                self.send_status_code(403)
+                return False
+            self.path = "/" + self.path[len(server.lepton_prefix) :]
+            return True
+
+        def do_GET(self) -> None:
+            if self._admit():
+                super().do_GET()
+
+        def do_PUT(self) -> None:
+            if not self._admit():
+                return
+            if self.path.startswith(f"/{READY_SCOPE}/"):  # a rank's hvd.init() returned
+                server = self.server
+                server.lepton_ready.add(self.path.rsplit("/", 1)[-1])
+                self.send_status_code(200)
+                if len(server.lepton_ready) == server.lepton_size:
+                    server.lepton_on_done()
+                return
+            super().do_PUT()
+
+        def do_DELETE(self) -> None:
+            if self._admit():
+                super().do_DELETE()
+
+        def do_POST(self) -> None:
+            self.server.lepton_refused += 1
+            self.send_status_code(403)
+
+    return Guarded

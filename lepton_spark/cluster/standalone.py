@@ -24,6 +24,13 @@ from typing import Any
 from lepton_spark.errors import ClusterError
 
 STATE_FILE = "cluster.json"
+PROPERTIES_FILE = "spark-secure.conf"
+# What an application sets to join a cluster started with a secret (the secret itself aside).
+SECURE_PROPERTIES = {
+    "spark.authenticate": "true",
+    "spark.network.crypto.enabled": "true",
+    "spark.io.encryption.enabled": "true",
+}
 
 
 def spark_home() -> Path:
@@ -121,6 +128,21 @@ class StandaloneCluster:
             raise
         return self
 
+    def write_properties(self, path: Path | None = None) -> Path:
+        """The Spark properties an application needs to join this cluster (its secret,
+        authentication and encryption on) in a file only this user can read (0600), for
+        ``spark-submit --properties-file`` and ``spark.properties_file``."""
+        if not self.secret:
+            raise ClusterError("this cluster was started without a secret: nothing to write")
+        path = path or self.folder / PROPERTIES_FILE
+        lines = {**SECURE_PROPERTIES, "spark.authenticate.secret": self.secret}
+        text = "".join(f"{key} {value}\n" for key, value in lines.items())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        path.chmod(0o600)  # an existing file keeps its mode through O_CREAT
+        return path
+
     def status(self) -> dict[str, Any]:
         url = f"http://{self.host}:{self.webui_port}/json/"
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -177,9 +199,9 @@ class StandaloneCluster:
                 os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for pid in self.pids:
-            while time.monotonic() < deadline and _alive(pid):
+            while time.monotonic() < deadline and alive(pid):
                 time.sleep(0.1)
-            if _alive(pid):
+            if alive(pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
         self.pids = []
@@ -202,7 +224,8 @@ def _is_spark_daemon(pid: int) -> bool:
     return "org.apache.spark.deploy." in command
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (reaped here when it is our child and has ended)."""
     try:
         waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
         if waited == pid:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lepton_spark.names import VAL_ACCURACY
+from lepton_spark.redact import redact_tree
 
 
 class _Frozen(BaseModel):
@@ -27,12 +28,22 @@ class SparkConfig(_Frozen):
 
     master: str = "local[*]"
     """Spark master URL (``--master`` overrides it)."""
+    remote: str | None = Field(None, pattern=r"^sc://")
+    """A Spark Connect server, ``sc://HOST:PORT`` (``--remote`` and ``SPARK_REMOTE`` set it too):
+    the session is a Connect client and ``master`` is the server's business."""
+    events_host: str | None = None
+    """The address the ranks reach this process's event channel at (default: ``spark.driver.host``,
+    or on Spark Connect the address this client reaches the server from)."""
     app_name: str | None = None
     """Spark application name (default ``lepton-spark <pipeline name>``)."""
     log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = "WARN"
     """Spark's log level on the driver."""
     conf: dict[str, str] = Field(default_factory=dict)
     """Any Spark configuration (``spark.sql.shuffle.partitions: 8``); values become strings."""
+    properties_file: str | None = None
+    """A Spark properties file (``key value`` lines, as ``spark-submit --properties-file``)
+    applied to a session lepton-spark starts, under ``conf``: where a cluster's secret goes
+    (``lepton-spark cluster up`` writes one), so it is in no config, tag or command line."""
 
     @model_validator(mode="before")
     @classmethod
@@ -229,6 +240,9 @@ class ShardConfig(_Frozen):
     """Seed of the random strategy."""
     skew_warning: float = Field(1.25, gt=1.0)
     """Warn when a rank gets more than this × the mean training rows."""
+    keep: int = Field(5, ge=1)
+    """Committed shard folders kept per pipeline name under ``root``: when a new one is written,
+    the oldest beyond this many are removed (``lepton-spark shards gc`` does it on demand)."""
 
     @model_validator(mode="after")
     def _key_and_size(self) -> ShardConfig:
@@ -283,7 +297,8 @@ class TrainConfig(_Frozen):
     """autocast: bf16 on CPUs and on GPUs that have it, fp16 with a gradient scaler on older
     GPUs."""
     threads_per_rank: int | None = Field(None, gt=0)
-    """torch threads per rank (default: the host's cores ÷ the ranks on the host)."""
+    """torch threads per rank (default: the CPUs the rank may use (affinity, cgroup quota) ÷ the
+    ranks on the host, at most ``spark.task.cpus``)."""
     progress_every_steps: int = Field(50, gt=0)
     """Rank 0 reports progress and logs the per-step metrics (``train/loss_step``,
     ``train/throughput_samples_per_second``) every N steps."""
@@ -493,6 +508,7 @@ class PipelineConfig(_Frozen):
             mode="json", exclude={"spark", "tracking", "description", "compress", "baseline"}
         )
         dump["train"] = {k: v for k, v in dump["train"].items() if k not in TrainConfig.OPERATIONAL}
+        dump["shards"].pop("keep")  # housekeeping, not the model
         return _digest(dump)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> PipelineConfig:
@@ -503,7 +519,9 @@ class PipelineConfig(_Frozen):
 
 
 def _digest(dump: Any) -> str:
-    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+    """Over the redacted config: a hash published as a tag must not let anyone test guesses of
+    a password in it (so configs that differ only in a secret hash alike)."""
+    return hashlib.sha256(json.dumps(redact_tree(dump), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, str]]:

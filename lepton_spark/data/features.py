@@ -8,6 +8,7 @@ them. Nothing is collected to the driver but small statistics (counts, vocabular
 
 from __future__ import annotations
 
+import logging
 from math import prod
 
 from pyspark.sql import Column, DataFrame
@@ -28,18 +29,42 @@ from lepton_spark.spec import (
     TextFeature,
 )
 
+log = logging.getLogger(__name__)
 
-def _vocabulary(df: DataFrame, column: str, limit: int) -> list[str]:
-    """Most frequent values first (ties by value), at most ``limit``; nulls excluded."""
-    rows = (
+
+def _vocabulary(
+    df: DataFrame, column: str, limit: int, quality: dict[str, int] | None = None
+) -> list[str]:
+    """Most frequent values first (ties by value), at most ``limit``; nulls excluded.
+
+    With more values than ``limit`` (``features.max_categories``), the rest become "unknown":
+    said with how many values and rows, and counted in ``quality`` (``unknown_rows.<column>``,
+    logged as ``data/unknown_rows.<column>``)."""
+    counts = (
         df.where(F.col(column).isNotNull())
         .groupBy(F.col(column).cast("string").alias("v"))
         .count()
         .orderBy(F.desc("count"), F.asc("v"))
-        .limit(limit)
-        .collect()
     )
-    return [r["v"] for r in rows]
+    rows = counts.limit(limit + 1).collect()
+    if len(rows) > limit:
+        totals = counts.agg(F.count(F.lit(1)).alias("values"), F.sum("count").alias("rows"))
+        [total] = totals.collect()
+        kept_rows = sum(int(r["count"]) for r in rows[:limit])
+        unknown_values = int(total["values"]) - limit
+        unknown_rows = int(total["rows"]) - kept_rows
+        log.warning(
+            "categorical %r has %d values, more than features.max_categories=%d: the %d least "
+            "frequent (%d rows) become 'unknown'",
+            column,
+            int(total["values"]),
+            limit,
+            unknown_values,
+            unknown_rows,
+        )
+        if quality is not None:
+            quality[f"unknown_rows.{column}"] = unknown_rows
+    return [r["v"] for r in rows[:limit]]
 
 
 def _index_column(df: DataFrame, column: str, vocabulary: list[str]) -> DataFrame:
@@ -63,8 +88,8 @@ def build_features(
     ``numeric…, categorical…, arrays…, texts…, label, weight``.
 
     ``keep``: more columns carried along as they are (a shard key that is not a feature).
-    ``quality``: when given, receives the bad values per column and the rows dropped or filled
-    under ``spec.nulls``.
+    ``quality``: when given, receives the bad values per column, the rows dropped or filled
+    under ``spec.nulls``, and the rows whose category fell beyond ``features.max_categories``.
     """
     df = _checked(df, spec, keep)
     stats = statistics(df, spec)
@@ -72,7 +97,7 @@ def build_features(
     num_classes = _num_classes(spec, stats)
     arrays = [_array_feature(a, stats) for a in spec.arrays]
     standardize = _standardization(df, spec.numeric) if spec.standardize else {}
-    df, categorical = _indexed(df, spec)
+    df, categorical = _indexed(df, spec, quality)
     df, texts = _tokenised(df, spec)
     feature_spec = FeatureSpec(
         numeric=list(spec.numeric),
@@ -139,11 +164,13 @@ def _num_classes(spec: FeatureSpecConfig, stats: dict[str, int | None]) -> int |
     return num_classes
 
 
-def _indexed(df: DataFrame, spec: FeatureSpecConfig) -> tuple[DataFrame, list[CategoricalFeature]]:
+def _indexed(
+    df: DataFrame, spec: FeatureSpecConfig, quality: dict[str, int] | None = None
+) -> tuple[DataFrame, list[CategoricalFeature]]:
     """Each categorical column's vocabulary (most frequent first) and its values as indices."""
     categorical = []
     for c in spec.categorical:
-        vocabulary = _vocabulary(df, c, spec.max_categories)
+        vocabulary = _vocabulary(df, c, spec.max_categories, quality)
         categorical.append(CategoricalFeature(name=c, vocabulary=vocabulary))
         df = _index_column(df, c, vocabulary)
     return df, categorical

@@ -16,17 +16,18 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pyspark.sql import SparkSession
 
 from lepton_spark.cluster.slots import check_slots
 from lepton_spark.config import PipelineConfig, load_config
 from lepton_spark.data.session import spark_session
 from lepton_spark.events import Event
-from lepton_spark.names import TAG_CONFIG_HASH, TAG_RUN_KEY
+from lepton_spark.names import TAG_CONFIG_HASH, TAG_PARENT_RUN, TAG_RUN_KEY
 from lepton_spark.pipeline import steps
 from lepton_spark.pipeline.console import ConsoleProgress
 from lepton_spark.pipeline.runkey import Previous, check_run_key, previous_run, read_finished
 from lepton_spark.redact import redact_tree
+from lepton_spark.shards.lease import lease
+from lepton_spark.sparkinfo import Session, master_of
 from lepton_spark.tracking import artifacts
 from lepton_spark.tracking.run import TrackedRun
 from lepton_spark.tracking.tags import pipeline_tags
@@ -56,7 +57,7 @@ class PipelineResult:
     baseline: dict[str, float] = field(default_factory=dict)  # baseline.mllib: mllib/* metrics
 
 
-SparkArg = SparkSession | Callable[[], SparkSession] | None
+SparkArg = Session | Callable[[], Session] | None  # classic or Spark Connect
 
 
 def run_pipeline(
@@ -68,23 +69,28 @@ def run_pipeline(
     rebuild_shards: bool = False,
     run_key: str | None = None,
     force: bool = False,
+    parent_run_id: str | None = None,
 ) -> PipelineResult:
     """Run the whole pipeline and return where everything went.
 
-    ``spark``: an existing session (a notebook's), or a function that makes one when it is needed
-    (spark-submit's); otherwise one is made from ``config.spark``.
+    ``spark``: an existing session (a notebook's; classic or Spark Connect), or a function that
+    makes one when it is needed (spark-submit's); otherwise one is made from ``config.spark``.
     ``progress``: receives rank events; by default they are shown on the console.
     ``rebuild_shards``: write the shards again even if committed ones match the fingerprint.
     ``run_key`` (a scheduled run's date, say) makes the call idempotent: a finished run with the
     same key is returned as it is (``outcome="already_finished"``, no Spark, no training); an
     unfinished one (failed, killed) is resumed, the same MLflow run, from its last checkpoint;
-    ``force`` starts a fresh run whatever exists.
+    ``force`` starts a fresh run whatever exists. ``parent_run_id``: nest the run under that
+    MLflow run (a parameter search's parent).
     """
     cfg = config if isinstance(config, PipelineConfig) else load_config(config)
     check_run_key(run_key)
     target = resolve_tracking(cfg.tracking, tracking_uri)
+    steps.check_folders(cfg)
     experiment = cfg.tracking.experiment or cfg.name
     tags = pipeline_tags(cfg) | ({TAG_RUN_KEY: run_key} if run_key else {})
+    if parent_run_id:
+        tags[TAG_PARENT_RUN] = parent_run_id
     previous = previous_run(target, experiment, run_key, tags[TAG_CONFIG_HASH], force)
     if previous is not None and previous.finished:
         return _already_finished(previous, target, experiment)
@@ -92,10 +98,11 @@ def run_pipeline(
     with _open_run(cfg, target, experiment, tags, previous, run_key) as run:
         session = _session(cfg, spark)
         shard_set, warnings = _shards(session, cfg, run, rebuild_shards, previous, timings)
-        with steps.timed(timings, "training"), _shown(progress) as show:
-            chief, attempts = steps.train(session, cfg, run, shard_set, show)
-        published = steps.publish_model(session, cfg, run, shard_set, chief, timings)
-        baseline = _baseline(session, cfg, run, shard_set, timings)
+        with lease(shard_set.folder):  # no other run's commit or gc removes them meanwhile
+            with steps.timed(timings, "training"), _shown(progress) as show:
+                chief, attempts = steps.train(session, cfg, run, shard_set, show)
+            published = steps.publish_model(session, cfg, run, shard_set, chief, timings)
+            baseline = _baseline(session, cfg, run, shard_set, timings)
         _finish(run, cfg, timings)
     if attempts > 1:
         warnings.append(f"training needed {attempts} attempts; it resumed from checkpoints")
@@ -147,7 +154,7 @@ def _open_run(
 
 
 def _shards(
-    spark: SparkSession,
+    spark: Session,
     cfg: PipelineConfig,
     run: TrackedRun,
     rebuild: bool,
@@ -157,7 +164,7 @@ def _shards(
     """Slots checked before any work, then the shards found or written, checked and reported;
     the warnings a person should see at the end."""
     check_slots(spark, cfg.train.num_workers, cfg.train.device)
-    for warning in steps.shared_storage_warnings(cfg, spark.sparkContext.master):
+    for warning in steps.shared_storage_warnings(cfg, master_of(spark)):
         log.warning(warning)
     shard_set = steps.materialize_shards(spark, cfg, rebuild=rebuild, timings=timings)
     if previous is not None:
@@ -180,7 +187,7 @@ def _shown(progress: Callable[[Event], None] | None) -> Iterator[Callable[[Event
 
 
 def _baseline(
-    spark: SparkSession,
+    spark: Session,
     cfg: PipelineConfig,
     run: TrackedRun,
     shard_set: steps.ShardSet,
@@ -201,10 +208,11 @@ def _finish(run: TrackedRun, cfg: PipelineConfig, timings: dict[str, float]) -> 
     folder.delete_folder()
 
 
-def _session(cfg: PipelineConfig, spark: SparkArg) -> SparkSession:
+def _session(cfg: PipelineConfig, spark: SparkArg) -> Session:
+    """The given session (classic or Connect), the one a factory makes, or one from the config."""
     if spark is None:
         return spark_session(cfg.spark, app_name=f"lepton-spark {cfg.name}")
-    return spark if isinstance(spark, SparkSession) else spark()
+    return spark() if callable(spark) and not hasattr(spark, "sql") else spark
 
 
 def _already_finished(

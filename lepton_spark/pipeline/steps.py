@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from pyspark.sql import SparkSession
 
 from lepton_spark import baselines
 from lepton_spark.cluster.stage import BarrierSettings, run_barrier
@@ -27,10 +27,17 @@ from lepton_spark.config import PipelineConfig
 from lepton_spark.data.fingerprint import dataset_fingerprint
 from lepton_spark.data.prepare import prepare
 from lepton_spark.data.sources import raw_example
-from lepton_spark.errors import BarrierError, DataError, InputError, SlotsError
+from lepton_spark.errors import (
+    BarrierError,
+    DataError,
+    InputError,
+    ShardError,
+    SlotsError,
+)
 from lepton_spark.events import Event, Retry
 from lepton_spark.models import trained_network
 from lepton_spark.names import (
+    INPUT_VIEW_PREFIX,
     TAG_ATTEMPTS,
     TAG_COMPRESSED_MODEL_URI,
     TAG_COMPRESSION,
@@ -42,11 +49,13 @@ from lepton_spark.names import (
 )
 from lepton_spark.redact import redact_text
 from lepton_spark.serving import compression, pyfunc
+from lepton_spark.shards import gc
 from lepton_spark.shards.commit import find_committed
 from lepton_spark.shards.loader import Layout, read_split
 from lepton_spark.shards.manifest import Manifest, SkewReport
-from lepton_spark.shards.storage import Location, locate
+from lepton_spark.shards.storage import Location, check_writable, locate
 from lepton_spark.shards.writer import ShardSet, write_shards
+from lepton_spark.sparkinfo import Session
 from lepton_spark.tracking import artifacts
 from lepton_spark.tracking.live import LiveMetrics
 from lepton_spark.tracking.registry import register, register_variant
@@ -75,8 +84,21 @@ def shard_folder_name(cfg: PipelineConfig, fingerprint: str) -> str:
     return f"{cfg.name}-{fingerprint[:16]}-w{cfg.train.num_workers}"
 
 
+def check_folders(cfg: PipelineConfig) -> None:
+    """Before anything is written: the local folders the run writes to (``shards.root``,
+    ``train.checkpoint_root``) can be made and written; otherwise a
+    :class:`~lepton_spark.errors.PathError` naming the field and the path."""
+    for field, where in (
+        ("shards.root", cfg.shards.root),
+        ("train.checkpoint_root", cfg.train.checkpoint_root),
+    ):
+        place = locate(where)
+        if place.is_local:
+            check_writable(Path(place.path), field)
+
+
 def materialize_shards(
-    spark: SparkSession,
+    spark: Session,
     cfg: PipelineConfig,
     *,
     rebuild: bool = False,
@@ -103,11 +125,12 @@ def materialize_shards(
             manifest.created_at,
         )
         timings["shards"] = 0.0
+        gc.touch(folder)
         return ShardSet(folder=folder.uri, manifest=manifest, reused=True)
     with timed(timings, "shards"):
         try:
             val_rows = round(prepared.rows * cfg.split.validation_fraction)
-            return write_shards(
+            written = write_shards(
                 {"train": prepared.train, "validation": prepared.validation},
                 prepared.feature_spec,
                 folder,
@@ -119,6 +142,13 @@ def materialize_shards(
             )
         finally:
             prepared.release()
+    try:
+        gc.collect(
+            cfg.shards.root, cfg.name, cfg.shards.keep, protect=(folder.path.rsplit("/", 1)[-1],)
+        )
+    except (OSError, ShardError) as err:  # housekeeping never fails the run it follows
+        log.warning("shards gc under %s failed: %s", redact_text(cfg.shards.root), err)
+    return written
 
 
 def check_trainable(cfg: PipelineConfig, shard_set: ShardSet) -> None:
@@ -168,9 +198,38 @@ def skew_warnings(cfg: PipelineConfig, reports: dict[str, SkewReport]) -> list[s
     ]
 
 
+def dataset_source(cfg: PipelineConfig, manifest: Manifest | None = None) -> dict[str, str]:
+    """Where the training data comes from, as MLflow's Spark dataset source says it: the path or
+    the table of a single source, else the SQL transform (or what is generated).
+
+    A ``TorchEstimator``'s DataFrame (a temporary view under a name of ours, which means nothing
+    to a reader) is told by the folders of the files it reads (from the ``manifest``'s summary),
+    or else by its query plan's hash.
+    """
+    if cfg.transform is None and len(cfg.sources) == 1:
+        name, source = next(iter(cfg.sources.items()))
+        if source.path is not None:
+            return {"path": redact_text(source.path)}
+        if source.table is not None and source.table.startswith(INPUT_VIEW_PREFIX):
+            state = (manifest.source.get("sources") or {}).get(name, {}) if manifest else {}
+            if state.get("folders"):
+                return {"path": redact_text(",".join(state["folders"]))}
+            return {"sql": f"a DataFrame (TorchEstimator.fit; plan {state.get('plan', '?')})"}
+        if source.table is not None:
+            return {"table_name": source.table}
+        if source.generate is not None:
+            g = source.generate
+            return {"sql": f"generated {g.kind} (rows={g.rows}, seed={g.seed})"}
+    return {"sql": cfg.transform or ""}
+
+
 def log_shards(run: TrackedRun, cfg: PipelineConfig, shard_set: ShardSet) -> list[str]:
-    """The shards' manifest, skew and data quality into the run; the skew warnings."""
+    """The shards' manifest, skew and data quality into the run, the dataset as its MLflow
+    input; the skew warnings."""
     manifest = shard_set.manifest
+    artifacts.log_dataset(
+        run, cfg.name, dataset_source(cfg, manifest), manifest.fingerprint, manifest.feature_spec
+    )
     skew = {name: s.skew(cfg.train.num_workers) for name, s in manifest.splits.items()}
     artifacts.log_shards(
         run, manifest, shard_set.folder, shard_set.reused, skew, cfg.train.num_workers
@@ -185,7 +244,10 @@ def log_shards(run: TrackedRun, cfg: PipelineConfig, shard_set: ShardSet) -> lis
 
 
 def train_with_retries(
-    spark: SparkSession, spec: TrainSpec, on_event: Callable[[Event], None]
+    spark: Session,
+    spec: TrainSpec,
+    on_event: Callable[[Event], None],
+    events_host: str | None = None,
 ) -> tuple[list[TrainResult], int]:
     """Run the training stage; when a rank fails, run it again (``train.retries`` times).
 
@@ -196,8 +258,10 @@ def train_with_retries(
     """
     attempts = 1 + spec.train.retries
     settings = BarrierSettings(
-        gloo_timeout_s=spec.train.gloo_timeout_s, stall_timeout_s=spec.train.stall_timeout_s
-    )  # train_rank sends heartbeats: the stall watch is on
+        gloo_timeout_s=spec.train.gloo_timeout_s,
+        stall_timeout_s=spec.train.stall_timeout_s,  # train_rank sends heartbeats: watched
+        events_host=events_host,
+    )
     for attempt in range(attempts):
         # A retry after a lost executor waits for its replacement as long as a start-up may take.
         wait = None if attempt == 0 else settings.startup_s
@@ -226,7 +290,7 @@ def train_with_retries(
 
 
 def train(
-    spark: SparkSession,
+    spark: Session,
     cfg: PipelineConfig,
     run: TrackedRun,
     shard_set: ShardSet,
@@ -246,8 +310,16 @@ def train(
         live(event)
         show(event)
 
-    results, attempts = train_with_retries(spark, spec, on_event)
+    results, attempts = train_with_retries(spark, spec, on_event, cfg.spark.events_host)
     run.set_tags({TAG_ATTEMPTS: attempts})
+    missed = live.replay(results[0].reports)
+    if missed:
+        log.warning(
+            "%d of rank 0's reports never reached this driver while training ran (no route "
+            "from the executors to its event channel, or a connection it refused); logged to "
+            "MLflow now",
+            missed,
+        )
     return results[0], attempts
 
 
@@ -266,7 +338,7 @@ class Published:
 
 
 def publish_model(
-    spark: SparkSession,
+    spark: Session,
     cfg: PipelineConfig,
     run: TrackedRun,
     shard_set: ShardSet,
@@ -353,7 +425,7 @@ def _publish_compressed(
 
 
 def run_baseline(
-    spark: SparkSession, cfg: PipelineConfig, run: TrackedRun, manifest: Manifest
+    spark: Session, cfg: PipelineConfig, run: TrackedRun, manifest: Manifest
 ) -> dict[str, float]:
     """Spark MLlib on the same split (ETL again: the split is seeded), logged as ``mllib/*``:
     logistic regression, linear regression or k-means by the task."""

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from lepton_spark.errors import ShardError
+from lepton_spark.redact import redact_tree
 from lepton_spark.shards.format import shard_schema
+from lepton_spark.shards.lease import live_leases
 from lepton_spark.shards.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -56,7 +58,7 @@ def make_manifest(
         schema={f.name: str(f.type) for f in shard_schema(spec)},
         strategy=strategy,
         key=key,
-        source=dict(source or {}),
+        source=redact_tree(dict(source or {})),  # a manifest is read by anyone who reads data
         splits=splits,
         skew={n: s.skew(num_workers) for n, s in splits.items() if num_workers and s.shards},
     )
@@ -83,8 +85,12 @@ def write_attempt(folder: str | Path | Location, write: Callable[[str], Manifest
 
 def remove_older_attempts(folder: str | Path | Location, attempt: str) -> None:
     """After a commit: delete attempts older than ``attempt`` (best effort, never newer ones,
-    which may be another writer's work in progress)."""
+    which may be another writer's work in progress, and none while a run holds a lease on the
+    folder: it may be training on one)."""
     place = locate(folder)
+    if live_leases(place):
+        log.info("shards: %s is leased by a run training on it: older attempts stay", place.uri)
+        return
     for name in place.subfolders():
         if name.startswith(ATTEMPT_PREFIX) and name < attempt:
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -190,5 +191,9 @@ def verify_shard(
 
 
 def write_manifest(folder: str | Path | Location, manifest: Manifest) -> None:
-    """Write ``manifest.json`` atomically: readers see no manifest or a whole one."""
-    locate(folder).child(MANIFEST_NAME).write_text_atomic(manifest.to_json())
+    """Write ``manifest.json`` atomically: readers see no manifest or a whole one. On a local
+    disk it is this user's only (0600), as the data it describes."""
+    target = locate(folder).child(MANIFEST_NAME)
+    target.write_text_atomic(manifest.to_json())
+    if target.is_local:
+        os.chmod(target.path, 0o600)

@@ -7,12 +7,15 @@ disks, HDFS and object stores go through the same code. No Spark, no MLflow.
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 from pyarrow import fs as pafs
+
+from lepton_spark.errors import PathError
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,19 @@ class Location:
     def delete_folder(self) -> None:
         if self.exists():
             self.fs.delete_dir(self.path)
+
+
+def check_writable(folder: Path, where: str) -> None:
+    """``folder`` (a local path, made later by whoever writes there) can be made and written:
+    its nearest existing ancestor is a folder this process may write in. Nothing is created.
+    ``where`` names the field or option in the :class:`~lepton_spark.errors.PathError`."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PathError(f"{where} {folder} cannot be made: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PathError(f"{where} {folder} cannot be written: permission denied on {probe}")
 
 
 def locate(where: str | Path | Location) -> Location:

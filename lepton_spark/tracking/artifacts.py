@@ -18,6 +18,7 @@ from lepton_spark.names import (
     COMPRESS_MODEL_SIZE,
     COMPRESS_SIZE,
     COMPRESS_VAL_ACCURACY,
+    DATASET_CONTEXT,
     TAG_BASELINE,
     TAG_DATASET_FINGERPRINT,
     TAG_NUM_WORKERS,
@@ -34,6 +35,7 @@ from lepton_spark.names import (
 from lepton_spark.redact import redact_tree
 from lepton_spark.shards.manifest import Manifest, SkewReport
 from lepton_spark.shards.storage import Location
+from lepton_spark.spec import FeatureSpec
 from lepton_spark.tracking import plots
 from lepton_spark.tracking.run import TrackedRun
 
@@ -145,3 +147,35 @@ def keep_checkpoint(run: TrackedRun, source: Location) -> None:
         if not source.is_local:
             local.write_bytes(source.read_bytes())
         run.log_file(local, CHECKPOINT_ARTIFACT)
+
+
+def log_dataset(
+    run: TrackedRun,
+    name: str,
+    source: dict[str, str],
+    fingerprint: str,
+    spec: FeatureSpec,
+) -> None:
+    """The training data as the run's MLflow dataset input: where it came from (``source``:
+    one of ``path``, ``table_name``, ``sql``), its digest (the dataset fingerprint, as the shard
+    folder's name has it) and the schema of the columns the model reads."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.spark_dataset_source import SparkDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    columns = [ColSpec(DataType.double, c) for c in spec.numeric]
+    columns += [ColSpec(DataType.string, c) for c in spec.categorical_names]
+    columns += [ColSpec(Array(DataType.double), a.name) for a in spec.arrays]
+    columns += [ColSpec(DataType.string, t.name) for t in spec.texts]
+    if spec.label is not None:
+        label = DataType.double if spec.task == "regression" else DataType.long
+        columns.append(ColSpec(label, spec.label))
+    dataset = MetaDataset(
+        SparkDatasetSource(**source), name=name, digest=fingerprint[:32], schema=Schema(columns)
+    )
+    context = InputTag(key="mlflow.data.context", value=DATASET_CONTEXT)
+    run.client.log_inputs(
+        run.run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[context])]
+    )

@@ -1,13 +1,20 @@
 """Rank 0's events as MLflow metrics and tags while training runs.
 
 Metrics go through MLflow's asynchronous logger: queued here, sent in batches; nothing on the
-ranks waits for the store (``benchmarks/tracking``: 0.3% of the ranks' CPU).
+ranks waits for the store (``benchmarks/tracking``: 0.3% of the ranks' CPU). Rank 0 also hands
+its reports back with its result; :meth:`LiveMetrics.replay` logs the ones that never arrived
+live (when the cluster cannot reach the driver's event channel), so the run's metrics are whole
+either way.
 """
 
 from __future__ import annotations
 
-from lepton_spark.events import Epoch, Event, Progress, Start
+from collections import Counter
+from typing import Any
+
+from lepton_spark.events import Dropped, Epoch, Event, InvalidEvent, Progress, Start, decode
 from lepton_spark.names import (
+    EVENTS_DROPPED_PREFIX,
     TAG_RANKS_CODE,
     TAG_RANKS_DEVICE,
     TAG_RANKS_PRECISION,
@@ -23,8 +30,32 @@ class LiveMetrics:
 
     def __init__(self, run: TrackedRun) -> None:
         self.run = run
+        self._seen: set[tuple[str, int]] = set()
+        self._dropped: Counter[str] = Counter()
+
+    def replay(self, reports: list[dict[str, Any]]) -> int:
+        """Log the reports that did not arrive as they happened; how many there were."""
+        missed = 0
+        for data in reports:
+            try:
+                event = decode(data)
+            except InvalidEvent:
+                continue
+            if self._key(event) not in self._seen:
+                missed += 1
+                self(event)
+        return missed
+
+    @staticmethod
+    def _key(event: Event) -> tuple[str, int]:
+        if isinstance(event, Progress):
+            return ("progress", event.global_step)
+        if isinstance(event, Epoch):
+            return ("epoch", event.epoch)
+        return (event.event, 0)
 
     def __call__(self, event: Event) -> None:
+        self._seen.add(self._key(event))
         if isinstance(event, Progress):
             self.run.log_metrics(
                 {TRAIN_LOSS_STEP: event.window_loss, TRAIN_THROUGHPUT: event.samples_per_second},
@@ -33,6 +64,13 @@ class LiveMetrics:
             )
         elif isinstance(event, Epoch):
             self.run.log_metrics(event.metrics, step=event.epoch, wait=False)
+        elif isinstance(event, Dropped):
+            self._dropped.update(event.counts)  # summed over the stage's attempts
+            self.run.log_metrics(
+                {f"{EVENTS_DROPPED_PREFIX}{k}": float(n) for k, n in self._dropped.items()},
+                step=0,
+                wait=False,
+            )
         elif isinstance(event, Start):
             self.run.set_tags(
                 {

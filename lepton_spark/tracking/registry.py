@@ -16,14 +16,17 @@ from mlflow.exceptions import MlflowException
 from lepton_spark.names import (
     CANDIDATE,
     CHAMPION,
+    COMPRESS_VAL_ACCURACY,
     VAL_ACCURACY,
     VERSION_TAG_COMPRESSED_FROM,
     VERSION_TAG_COMPRESSION,
     VERSION_TAG_METRIC_PREFIX,
     current,
-    legacy,
     read_metric,
 )
+
+# What a compressed variant's run measured of the compressed model, by the metric it stands for.
+COMPRESSED_METRICS = {VAL_ACCURACY: COMPRESS_VAL_ACCURACY}
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ def register_variant(
     """Register a derived model (a compressed copy) as a version of its own, no alias moved.
 
     Its run is the trained model's run, whose metrics describe the trained model: the variant's
-    own metrics go on the version as ``metrics.<name>`` tags, which :func:`promote` reads first.
+    own metrics go on the version as ``metrics.<name>`` tags for people to read; :func:`promote`
+    reads the run's own measurement of the variant (``compress/…``) instead of trusting them.
     """
     version = str(mlflow.register_model(model_uri, name).version)
     client = MlflowClient()
@@ -74,26 +78,25 @@ def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
 
 
 def _metric(client: MlflowClient, name: str, version: str, metric: str) -> float:
-    """The version's ``metric``: its own tag (a compressed variant), else its run's metric;
-    under the metric's current name or, for versions logged before 0.2, its old one."""
+    """The version's ``metric``, read from its run (never from a version tag, which anyone with
+    write access to the registry could set): the run's metric for a trained version; for a
+    compressed variant, the run's measurement of the compressed model (``compress/…``), since
+    the run's own metrics describe the uncompressed one. Under the metric's current name or,
+    for runs logged before 0.2, its old one."""
     model_version = client.get_model_version(name, version)
     tags = model_version.tags or {}
-    for key in (current(metric), legacy(current(metric))):
-        own = tags.get(VERSION_TAG_METRIC_PREFIX + key)
-        if own is not None:
-            return float(own)
-    if VERSION_TAG_COMPRESSION in tags:  # its run's metrics describe the uncompressed model
-        measured = sorted(
-            k.removeprefix(VERSION_TAG_METRIC_PREFIX)
-            for k in tags
-            if k.startswith(VERSION_TAG_METRIC_PREFIX)
-        )
-        raise ValueError(
-            f"{name} version {version} is a compressed variant ({tags[VERSION_TAG_COMPRESSION]}); "
-            f"{metric!r} was not measured for it (it has {measured})"
-        )
     run_id = model_version.run_id
     metrics = client.get_run(run_id).data.metrics
+    if VERSION_TAG_COMPRESSION in tags:
+        measured = COMPRESSED_METRICS.get(current(metric))
+        value = read_metric(metrics, measured) if measured else None
+        if value is None:
+            raise ValueError(
+                f"{name} version {version} is a compressed variant "
+                f"({tags[VERSION_TAG_COMPRESSION]}); {metric!r} was not measured for it (its run "
+                f"measured {sorted(COMPRESSED_METRICS)} of it)"
+            )
+        return value
     value = read_metric(metrics, metric)
     if value is None:
         raise ValueError(

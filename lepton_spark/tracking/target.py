@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lepton_spark.config import TrackingConfig
+from lepton_spark.errors import path_error
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,10 @@ def resolve_tracking(cfg: TrackingConfig, override: str | None = None) -> Tracki
     if uri:
         return TrackingTarget(tracking_uri=uri, artifact_root=None)
     store = Path(cfg.local_store).resolve()
-    store.mkdir(parents=True, exist_ok=True)
+    try:
+        store.mkdir(parents=True, exist_ok=True, mode=0o700)  # runs and models: the user's
+    except OSError as err:
+        raise path_error(err, "tracking.local_store", store) from None
     return TrackingTarget(
         tracking_uri=f"sqlite:///{store / 'mlflow.db'}",
         artifact_root=(store / "artifacts").as_uri(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,6 +64,37 @@ def autocast(device: torch.device, precision: Precision) -> Any:
     )
 
 
-def threads(cfg: TrainConfig, local_size: int) -> int:
-    """torch threads per rank: ``threads_per_rank``, or the host's cores shared by its ranks."""
-    return cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // local_size)
+def threads(cfg: TrainConfig, local_size: int, task_cpus: int | None = None) -> int:
+    """torch threads per rank: ``threads_per_rank``, else the CPUs this process may use (its
+    affinity, and the cgroup's CPU quota when lower) shared by the host's ranks, and no more than
+    the CPUs Spark gave the rank's task (``spark.task.cpus``): a 1-core task on a 96-core host
+    runs 1 thread, not 48."""
+    if cfg.threads_per_rank:
+        return cfg.threads_per_rank
+    share = max(1, int(usable_cpus()) // max(1, local_size))
+    return max(1, min(share, task_cpus)) if task_cpus else share
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> float:
+    """The CPUs this process may use: its CPU affinity, or the cgroup's quota when lower
+    (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``)."""
+    try:
+        cpus = float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        cpus = float(os.cpu_count() or 1)
+    quota = _cgroup_quota(cgroup_root)
+    return min(cpus, quota) if quota else cpus
+
+
+def _cgroup_quota(root: str) -> float | None:
+    try:
+        quota, period = Path(root, "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path(root, "cpu", "cpu.cfs_quota_us").read_text())
+        period = int(Path(root, "cpu", "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None

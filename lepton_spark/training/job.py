@@ -10,11 +10,12 @@ import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from lepton_spark.config import ModelConfig, TrainConfig
-from lepton_spark.events import Event
+from lepton_spark.events import Event, encode
 
 Report = Callable[[Event], None]  # rank 0's events to the driver
 
@@ -41,6 +42,9 @@ class TrainResult:
     confusion: list[list[int]] | None = None  # last validation: rows by label, columns predicted
     resumed_from: tuple[int, int] | None = None  # (epoch, step) of the checkpoint it started at
     state_dict: bytes | None = None  # rank 0 only: torch.save of the model's state_dict
+    # Rank 0's reports (events.encode), also kept here: the driver logs those it did not get
+    # live (a cluster that cannot reach the driver's event channel).
+    reports: list[dict[str, Any]] = field(default_factory=list)
 
     def load_state_dict(self) -> dict[str, torch.Tensor]:
         if self.state_dict is None:
@@ -51,6 +55,22 @@ class TrainResult:
     def final_metrics(self) -> dict[str, float]:
         """The last epoch's metrics (k-means: the final centroids' costs)."""
         return {k: v for k, v in self.history[-1].items() if k != "epoch"} if self.history else {}
+
+
+class Recorder:
+    """Rank 0's ``report``: every event goes on to ``report`` and is kept (encoded) for the
+    result. Bounded: at most ``limit`` events (the first ones, and every epoch's)."""
+
+    def __init__(self, report: Report | None, limit: int = 20_000) -> None:
+        self._report = report
+        self._limit = limit
+        self.kept: list[dict[str, Any]] = []
+
+    def __call__(self, event: Event) -> None:
+        if len(self.kept) < self._limit or event.event == "epoch":
+            self.kept.append(encode(event))
+        if self._report is not None:
+            self._report(event)
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> bytes:

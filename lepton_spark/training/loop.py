@@ -7,7 +7,9 @@ anything with its API), passed in so that this module imports no engine.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -156,23 +158,51 @@ class Resumed:
     checkpoint_at: tuple[int, int] | None  # (epoch, step), None: from the start
 
 
+def broadcast_bytes(hvd: Any, data: bytes, root_rank: int = 0, name: str = "bytes") -> bytes:
+    """``data`` from ``root_rank`` to every rank, as tensors (its length, then its bytes)."""
+    size = torch.tensor([len(data) if hvd.rank() == root_rank else 0], dtype=torch.int64)
+    size = int(hvd.broadcast(size, root_rank, name=f"{name}.size")[0])
+    if size == 0:
+        return b""
+    if hvd.rank() == root_rank:
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    else:
+        buffer = torch.zeros(size, dtype=torch.uint8)
+    return bytes(hvd.broadcast(buffer, root_rank, name=f"{name}.data").numpy())
+
+
 def resume(spec: TrainSpec, hvd: Any, trainer: Trainer) -> Resumed:
     """Load the run's checkpoint on rank 0 (if there is one), agree on the position, and give
     every rank rank 0's model and optimizer state.
 
-    Rank 0 loads the model, optimizer and schedule state; the position, history and schedule
-    state go to every rank, then the optimizer state and the parameters are broadcast.
+    Nothing is unpickled from the network: rank 0's resume state (optimizer and schedule state,
+    position, history) goes to the other ranks as a tensor of ``torch.save`` bytes that they read
+    with ``torch.load(weights_only=True)`` (tensors and plain values only), and the parameters as
+    tensors (Horovod's ``broadcast_object`` / ``broadcast_optimizer_state`` would unpickle
+    whatever arrives on a Gloo pair).
     """
-    found = None
+    payload = b""
     if hvd.rank() == 0 and spec.checkpoint_dir:
         ckpt = load_checkpoint(spec.checkpoint_dir)
         if ckpt is not None:
             trainer.model.load_state_dict(ckpt.model)
             trainer.optimizer.load_state_dict(ckpt.optimizer)
-            found = (ckpt.position, ckpt.history, ckpt.schedule)
-    found = hvd.broadcast_object(found, root_rank=0, name="resume")
-    # Optimizer state first: initialising it may step the parameters, which the broadcast fixes.
-    hvd.broadcast_optimizer_state(trainer.optimizer, root_rank=0)
+            state = {
+                "optimizer": ckpt.optimizer,
+                "position": dataclasses.asdict(ckpt.position),
+                "history": ckpt.history,
+                "schedule": ckpt.schedule,
+            }
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            payload = buffer.getvalue()
+    payload = broadcast_bytes(hvd, payload, name="resume")
+    found = None
+    if payload:
+        state = torch.load(io.BytesIO(payload), weights_only=True)
+        if hvd.rank() != 0:
+            trainer.optimizer.load_state_dict(state["optimizer"])
+        found = (Position(**state["position"]), state["history"], state["schedule"])
     hvd.broadcast_parameters(trainer.model.state_dict(), root_rank=0)
     if found is None:
         return Resumed(Position(), [], None)

@@ -9,7 +9,9 @@ No Spark, no MLflow: progress and metrics leave through the ``report`` callback.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import urllib.request
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from lepton_spark.shards.loader import ShardLoader
 from lepton_spark.training.checkpoint import Position
 from lepton_spark.training.devices import threads
 from lepton_spark.training.heartbeat import Beat, HeartbeatSender, no_beat
-from lepton_spark.training.job import Report, TrainResult, TrainSpec, state_bytes
+from lepton_spark.training.job import Recorder, Report, TrainResult, TrainSpec, state_bytes
 from lepton_spark.training.kmeans import train_kmeans
 from lepton_spark.training.loop import (
     RankData,
@@ -34,32 +36,62 @@ from lepton_spark.training.loop import (
     train_epoch,
 )
 
+log = logging.getLogger(__name__)
+
 __all__ = ["TrainResult", "TrainSpec", "train_rank", "train_worker"]
 
 
 def train_worker(
-    spec: TrainSpec, report: Report | None = None, beat: Beat | None = None
+    spec: TrainSpec,
+    report: Report | None = None,
+    beat: Beat | None = None,
+    task_cpus: int | None = None,
 ) -> TrainResult:
     """Train on this rank's shards; every rank must call it (it joins Horovod collectives).
 
     ``report`` receives rank 0's events (progress, epoch metrics); ``beat`` (every rank's) is told
     where the rank is at each step, for the driver's stall watch
-    (:mod:`lepton_spark.cluster.watchdog`).
+    (:mod:`lepton_spark.cluster.watchdog`); ``task_cpus``, the CPUs Spark gave the rank's task,
+    bounds its torch threads.
     """
     import horovod.torch as hvd
 
     # Set before hvd.init(); a value already in the environment (a user's) wins.
     os.environ.setdefault("HOROVOD_CYCLE_TIME", str(spec.train.horovod_cycle_time_ms))
     hvd.init()
+    tell_rendezvous_ready(hvd.rank())
     try:
-        return _train(spec, hvd, report if hvd.rank() == 0 else None, beat or no_beat)
+        recorder = Recorder(report) if hvd.rank() == 0 else None
+        result = _train(spec, hvd, recorder, beat or no_beat, task_cpus)
+        result.reports = recorder.kept if recorder is not None else []
+        return result
     finally:
         hvd.shutdown()
 
 
-def _train(spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat) -> TrainResult:
+def tell_rendezvous_ready(rank: int, timeout_s: float = 10.0) -> None:
+    """Tell the stage's rendezvous server this rank is initialised, so that it can close as
+    soon as every rank is (the same URL Horovod's HTTP store builds from its environment:
+    ``http://{ADDR}:{PORT}/lepton_ready/{rank}``). Best effort: a server that is gone already,
+    or a run without one, is no reason to stop training."""
+    addr = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR")
+    port = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_PORT")
+    if not addr or not port:
+        return
+    url = f"http://{addr}:{port}/lepton_ready/{rank}"
+    request = urllib.request.Request(url, data=b"", method="PUT")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            pass
+    except OSError as err:
+        log.debug("rank %d: the rendezvous server did not take the ready call: %s", rank, err)
+
+
+def _train(
+    spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat, task_cpus: int | None = None
+) -> TrainResult:
     rank, size = hvd.rank(), hvd.size()
-    torch.set_num_threads(threads(spec.train, hvd.local_size()))
+    torch.set_num_threads(threads(spec.train, hvd.local_size(), task_cpus))
     data = open_data(spec, rank, size, hvd.local_rank(), beat)
     if data.manifest.feature_spec.task == "clustering":
         every_row = _every_row(spec, data, rank, size, beat)
@@ -115,11 +147,10 @@ def _every_row(spec: TrainSpec, data: RankData, rank: int, size: int, beat: Beat
 
 
 def train_rank(spec: TrainSpec, ctx: Any) -> TrainResult:
-    """The barrier-stage entry: ``ctx`` is a :class:`lepton_spark.cluster.task.RankContext`."""
-    if ctx.report is None:
-        return train_worker(spec)
+    """The barrier-stage entry: ``ctx`` is a :class:`lepton_spark.cluster.task.RankContext`
+    (the rank process always gives it a ``report``; :func:`train_worker` is the Spark-free call)."""
     heartbeat = HeartbeatSender(ctx.report, ctx.rank, ctx.slot.host)
     try:
-        return train_worker(spec, report=ctx.report, beat=heartbeat.beat)
+        return train_worker(spec, report=ctx.report, beat=heartbeat.beat, task_cpus=ctx.cpus)
     finally:
         heartbeat.close()

@@ -110,3 +110,14 @@ def test_slot_checks_say_what_is_there_and_what_was_asked():
     assert slot_problem(2, 8, "cuda", 0.0, "local[8]", local_gpus=1) is None
     no_gpu = slot_problem(2, 8, "cuda", 0.0, "local[8]", local_gpus=0)
     assert no_gpu is not None and "no CUDA device" in no_gpu
+
+
+def test_the_event_channel_is_probed_from_an_executor_before_the_ranks_start(spark):
+    from lepton_spark.cluster.channel import EventServer
+    from lepton_spark.cluster.stage import _probe_channel
+    from tests.conftest import free_port
+
+    with EventServer("127.0.0.1", lambda e: None) as server:
+        assert _probe_channel(spark, server.address) is None
+    closed = _probe_channel(spark, f"127.0.0.1:{free_port()}:token")
+    assert closed is not None and "Connection refused" in closed

@@ -4,9 +4,14 @@ then the same with Spark's authentication and encryption switched on."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
+import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 from lepton_spark.cluster.standalone import StandaloneCluster
-from tests.helpers import ROOT, cli_env
+from tests.helpers import ROOT, cli_env, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +87,47 @@ def submit(
     )
 
 
+def first_refusal(master: str, work: Path, timeout_s: float = 60.0) -> str:
+    """Submit without the cluster's secret; return the driver's first line saying the master
+    refused it, then end the driver (or fail after ``timeout_s`` with what it printed)."""
+    work.mkdir()
+    command = [
+        str(BIN / "spark-submit"),
+        "--master",
+        master,
+        "--conf",
+        "spark.driver.host=127.0.0.1",
+    ]
+    command += [
+        str(ROOT / "jobs" / "run_pipeline.py"),
+        str(ROOT / "pipelines" / "tabular_demo.yaml"),
+    ]
+    env = {**cli_env(), "PATH": f"{BIN}:{cli_env().get('PATH', '')}"}
+    proc = subprocess.Popen(
+        command,
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    watchdog = threading.Timer(timeout_s, os.killpg, (proc.pid, signal.SIGKILL))
+    watchdog.start()
+    printed: list[str] = []
+    try:
+        for line in proc.stderr:
+            printed.append(line)
+            if "SaslMessage" in line:  # "Expected SaslMessage, received something else"
+                return line.strip()
+        raise AssertionError("the driver was not refused:\n" + "".join(printed[-40:]))
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 def finished_run(work: Path):
     client = MlflowClient(f"sqlite:///{work / 'mlruns-data' / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("tabular-demo").experiment_id])
@@ -91,7 +137,11 @@ def finished_run(work: Path):
 
 @pytest.fixture()
 def cluster(tmp_path) -> Iterator[StandaloneCluster]:
-    with StandaloneCluster(folder=tmp_path / "cluster", workers=2, cores_per_worker=1) as c:
+    """What `lepton-spark cluster up` starts: 2 workers of 1 core, with a secret."""
+    with StandaloneCluster(
+        folder=tmp_path / "cluster", workers=2, cores_per_worker=1, secret=secrets.token_hex(32)
+    ) as c:
+        c.write_properties()
         yield c
 
 
@@ -99,7 +149,10 @@ def test_the_pipeline_runs_on_a_two_worker_cluster_via_spark_submit(
     cluster, wheel, tmp_path, horovod, starts_spark
 ):
     started = time.monotonic()
-    proc = submit(cluster.master_url, wheel, tmp_path, "--run-key", "2026-11-22")
+    properties = cluster.folder / "spark-secure.conf"
+    proc = submit(
+        cluster.master_url, wheel, tmp_path, "--run-key", "2026-11-22", properties=properties
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"cluster run: {time.monotonic() - started:.1f} s")
     client, run = finished_run(tmp_path)
@@ -116,7 +169,9 @@ def test_the_pipeline_runs_on_a_two_worker_cluster_via_spark_submit(
     assert "Horovod rendezvous server at 127.0.0.1:" in printed
     assert "rendezvous server at 0.0.0.0" not in printed
 
-    again = submit(cluster.master_url, wheel, tmp_path, "--run-key", "2026-11-22")
+    again = submit(
+        cluster.master_url, wheel, tmp_path, "--run-key", "2026-11-22", properties=properties
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "finished already" in again.stdout
     assert len(client.search_runs([run.info.experiment_id])) == 1
@@ -125,27 +180,31 @@ def test_the_pipeline_runs_on_a_two_worker_cluster_via_spark_submit(
 def test_the_pipeline_runs_unchanged_with_authentication_and_encryption(
     tmp_path, wheel, horovod, starts_spark
 ):
-    secret = secrets.token_hex(16)
     env_secret = "env-" + secrets.token_hex(12)
     conf_secret = "conf-" + secrets.token_hex(12)
-    properties = tmp_path / "spark-secure.conf"
-    properties.write_text(
-        "spark.authenticate true\n"
-        f"spark.authenticate.secret {secret}\n"
-        "spark.network.crypto.enabled true\n"
-        "spark.io.encryption.enabled true\n"
-    )
-    properties.chmod(0o600)
-    with StandaloneCluster(folder=tmp_path / "cluster", secret=secret) as cluster:
-        # Without the secret the cluster turns the application away.
-        (tmp_path / "refused").mkdir()
+    folder = tmp_path / "cluster"
+    # `lepton-spark cluster up` as a user runs it: a generated secret, authentication and
+    # encryption on, the properties to join with in a file only this user reads.
+    up = run_cli("cluster", "up", "--folder", str(folder), cwd=tmp_path, timeout=180)
+    assert up.returncode == 0, up.stderr[-3000:]
+    assert "authentication and encryption on" in up.stderr + up.stdout
+    master_url = up.stdout.strip().splitlines()[-1]
+    properties = folder / "spark-secure.conf"
+    assert stat.S_IMODE(properties.stat().st_mode) == 0o600
+    conf = dict(line.split(" ", 1) for line in properties.read_text().splitlines())
+    secret = conf["spark.authenticate.secret"]
+    assert len(secret) == 64 and conf["spark.network.crypto.enabled"] == "true"
+    assert secret not in up.stdout + up.stderr
+    try:
+        # Without the secret the master turns the application away at its first knock (the
+        # driver would go on knocking for a minute more before giving up: not waited for).
         started = time.monotonic()
-        refused = submit(cluster.master_url, wheel, tmp_path / "refused", "--set", "train.epochs=1")
-        print(f"refused in {time.monotonic() - started:.1f} s: rc {refused.returncode}")
-        assert refused.returncode != 0
+        turned_away = first_refusal(master_url, tmp_path / "refused")
+        print(f"refused in {time.monotonic() - started:.1f} s: {turned_away}")
+        assert "SASL" in turned_away
 
         proc = submit(
-            cluster.master_url,
+            master_url,
             wheel,
             tmp_path,
             "--set",
@@ -162,7 +221,16 @@ def test_the_pipeline_runs_unchanged_with_authentication_and_encryption(
             seen.append(
                 Path(client.download_artifacts(run.info.run_id, name, tmp_path)).read_text()
             )
+        # ... nor in the shard manifests on disk, which only this user may read.
+        manifests = list((tmp_path / "shards").rglob("manifest.json"))
+        assert manifests
+        for manifest in manifests:
+            seen.append(manifest.read_text())
+            assert stat.S_IMODE(manifest.stat().st_mode) == 0o600
         for text in seen:
             for value in (secret, env_secret, conf_secret):
                 assert value not in text
         assert run.data.params["spark.conf.spark.hadoop.fs.s3a.secret.key"].endswith("(redacted)")
+    finally:
+        down = run_cli("cluster", "down", "--folder", str(folder), cwd=tmp_path, timeout=120)
+        assert down.returncode == 0, down.stderr[-2000:]

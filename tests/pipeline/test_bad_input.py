@@ -247,6 +247,7 @@ def test_a_manifest_that_lists_a_missing_file_is_named(spark, sources, tmp_path)
 # --- the cluster ----------------------------------------------------------------------------
 
 
+@pytest.mark.connect
 def test_more_ranks_than_slots_fails_at_once_with_what_is_there(spark, sources, tmp_path):
     cfg = pipeline(tmp_path, sources["clean"], **{"train.num_workers": 3})
     err = fails_with(spark, cfg, SlotsError, "train.num_workers=3", "has 2")

@@ -25,6 +25,7 @@ from lepton_spark.errors import (
 from tests.helpers import BIN, ROOT, cli_env, rank_processes, store_runs, wait_until
 
 
+@pytest.mark.connect
 @pytest.mark.slow
 def test_a_killed_rank_is_retried_and_training_resumes_from_the_checkpoint(
     spark, demo_config, tmp_path, horovod
@@ -56,6 +57,7 @@ def test_a_killed_rank_is_retried_and_training_resumes_from_the_checkpoint(
     assert "checkpoint" in artifacts
 
 
+@pytest.mark.connect
 @pytest.mark.slow
 def test_a_rank_that_hangs_fails_the_stage_within_the_timeout_naming_it(
     spark, demo_config, tmp_path, horovod

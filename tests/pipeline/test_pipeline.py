@@ -37,6 +37,11 @@ def check_tracked_run(client: MlflowClient, result, epochs: int) -> None:
     assert {"config.yaml", "manifest.json", "history.json"} <= artifacts
     logged = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/manifest.json")
     assert logged["splits"]["train"]["rows"] == result.rows["train"]
+    [dataset] = run.inputs.dataset_inputs  # the training data as the run's dataset input
+    assert dataset.dataset.digest == logged["fingerprint"][:32]
+    assert dataset.dataset.name == result.experiment
+    assert "FROM events" in dataset.dataset.source  # the SQL the shards were made by
+    assert [t.value for t in dataset.tags] == ["training"]
 
 
 def check_model_predicts(result) -> None:
@@ -58,6 +63,7 @@ def check_model_predicts(result) -> None:
     assert accuracy == pytest.approx(result.metrics["val/accuracy"], abs=2 / len(frame))
 
 
+@pytest.mark.connect
 @pytest.mark.slow
 def test_demo_pipeline_trains_and_tracks_on_the_local_store(spark, demo_config, horovod):
     seen: list[events.Event] = []

@@ -40,8 +40,11 @@ def test_candidates_are_registered_and_champion_moves_only_to_a_better_version(
     assert f"{strong.metrics['val/accuracy']:.4f} beats champion version 1's" in second.reason
     assert str(client.get_model_version_by_alias("demo-classifier", "champion").version) == "2"
 
+    # A version tag claiming a better metric is not believed: the run's metric decides.
+    client.set_model_version_tag("demo-classifier", "1", "metrics.val/accuracy", "0.9999")
     back = promote(client, "demo-classifier", version="1")  # the weaker one does not win
     assert not back.promoted and "does not beat" in back.reason
+    assert f"{weak.metrics['val/accuracy']:.4f}" in back.reason
     assert str(client.get_model_version_by_alias("demo-classifier", "champion").version) == "2"
 
     # The same from the command line, with the rule from the pipeline file.

@@ -1,0 +1,62 @@
+"""A folder the user pointed at that cannot be written is named (the field or option, the path)
+with exit code 2, before anything is written and before any MLflow run is opened; the CLI
+prints it without a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from lepton_spark import run_pipeline
+from lepton_spark.config import load_config
+from lepton_spark.errors import EXIT_BAD_INPUT, PathError, exit_code
+from lepton_spark.serving.output import check_destination
+from lepton_spark.shards.storage import locate
+from tests.helpers import ROOT, run_cli, store_runs
+
+DEMO = ROOT / "pipelines" / "tabular_demo.yaml"
+
+
+@pytest.fixture()
+def a_file(tmp_path):
+    """A plain file where a folder would have to be."""
+    path = tmp_path / "notes.txt"
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.mark.parametrize("field", ["shards.root", "train.checkpoint_root", "tracking.local_store"])
+def test_an_unusable_folder_is_named_before_any_run(tmp_path, a_file, field):
+    overrides = {
+        "shards.root": str(tmp_path / "shards"),
+        "train.checkpoint_root": str(tmp_path / "checkpoints"),
+        "tracking.local_store": str(tmp_path / "mlruns-data"),
+    }
+    overrides[field] = str(a_file / "inside")
+    cfg = load_config(DEMO, overrides)
+    with pytest.raises(PathError) as failed:
+        run_pipeline(cfg, progress=lambda e: None)  # fails before a Spark session is made
+    assert f"{field} {a_file / 'inside'}" in str(failed.value)
+    assert "is not a folder" in str(failed.value) or "Not a directory" in str(failed.value)
+    assert exit_code(failed.value) == EXIT_BAD_INPUT
+    assert store_runs(tmp_path / "mlruns-data", cfg.name) == []
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_the_scoring_output_is_checked_before_scoring(a_file):
+    with pytest.raises(PathError, match=r"--output .*notes.txt/scored cannot be made"):
+        check_destination(locate(a_file / "scored"), overwrite=False)
+
+
+def test_the_cli_names_the_field_without_a_traceback(tmp_path, a_file):
+    proc = run_cli(
+        "run",
+        str(DEMO),
+        "--set",
+        f"shards.root={a_file / 'shards'}",
+        f"tracking.local_store={tmp_path / 'mlruns-data'}",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
+    assert "shards.root" in proc.stderr and "notes.txt" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
