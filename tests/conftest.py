@@ -21,7 +21,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,15 @@ import pytest
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Object-store tests talk to an S3 API on 127.0.0.1 (the s3 fixture): credentials for that server
+# only, and no AWS SDK here looks further (no instance-metadata lookups). Set before any Spark or
+# server process starts, so executors inherit them.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -167,8 +178,21 @@ def free_port() -> int:
 
 
 @pytest.fixture()
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
     """An ``mlflow server`` on 127.0.0.1 (its own sqlite store and artifact folder); its URL."""
+    yield from _mlflow_server(tmp_path, str(tmp_path / "server-artifacts"))
+
+
+@pytest.fixture()
+def mlflow_server_s3(tmp_path: Path, s3: S3) -> Iterator[str]:
+    """An ``mlflow server`` on 127.0.0.1 that keeps the artifacts it is sent in the ``s3``
+    bucket (under ``mlflow/``); its URL."""
+    yield from _mlflow_server(
+        tmp_path, f"s3://{s3.bucket}/mlflow", {"MLFLOW_S3_ENDPOINT_URL": s3.url}
+    )
+
+
+def _mlflow_server(tmp_path: Path, artifacts: str, env: dict[str, str] | None = None):
     port = free_port()
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
@@ -182,12 +206,13 @@ def mlflow_server(tmp_path):
             "--backend-store-uri",
             f"sqlite:///{tmp_path / 'server.db'}",
             "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
+            artifacts,
             "--workers",
             "1",
         ],
         stdout=subprocess.DEVNULL,
         stderr=log,
+        env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -203,3 +228,55 @@ def mlflow_server(tmp_path):
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+
+
+@dataclass(frozen=True)
+class S3:
+    """A bucket on the loopback S3 API."""
+
+    endpoint: str  # host:port
+    bucket: str
+
+    def uri(self, key: str) -> str:
+        """A ``pyarrow.fs`` URI (what ``shards.root``, ``score --output`` … take)."""
+        return f"s3://{self.bucket}/{key}?endpoint_override={self.endpoint}&scheme=http"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An S3-compatible server (moto's standalone mode) on 127.0.0.1; its ``host:port``."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("s3") / "moto.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None, log_path.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the S3 server did not come up"
+            time.sleep(0.2)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture()
+def s3(s3_server: str) -> S3:
+    """A fresh bucket on the loopback S3 API."""
+    import boto3
+
+    bucket = f"lepton-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=f"http://{s3_server}").create_bucket(Bucket=bucket)
+    return S3(s3_server, bucket)

@@ -354,7 +354,9 @@ def publish_model(
     example = raw_example(spark, cfg)
     requirements = pyfunc.pip_requirements()
     with timed(timings, "model_logging"):
-        model_uri = pyfunc.log_model(network, spec, example, pip_requirements=requirements)
+        model_uri = pyfunc.log_model(
+            network, cfg.model, spec, example, pip_requirements=requirements
+        )
     run.set_tags({TAG_MODEL_URI: model_uri})
     version = None
     if cfg.tracking.registered_model:
@@ -406,6 +408,7 @@ def _publish_compressed(
     artifacts.log_compression(run, report)
     uri = pyfunc.log_model(
         compressed,
+        cfg.model,
         shard_set.manifest.feature_spec,
         example,
         pip_requirements=pyfunc.pip_requirements(),

@@ -41,7 +41,7 @@ from pyspark.sql import types as T
 
 from lepton_spark.data.columns import is_vector
 from lepton_spark.errors import ScoringError
-from lepton_spark.serving.output import check_destination, commit
+from lepton_spark.serving.output import check_destination, commit, writer
 from lepton_spark.serving.scorer import (
     SPEC_FILE,
     Scorer,
@@ -409,7 +409,7 @@ def score(
     ).drop(_LOADED, _BATCH)
     started = time.perf_counter()
     written = commit(
-        lambda uri: counted.write.parquet(uri),
+        writer(counted, destination),
         destination,
         {"model_uri": model_uri, "input": input_path, "keys": keys},
     )

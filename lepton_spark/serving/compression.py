@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import copy
 import gzip
-import io
 import statistics
 import time
-import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -22,6 +20,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from lepton_spark.config import CompressConfig
+from lepton_spark.serving.network_file import quantize, weights_bytes
 
 Inputs = dict[str, torch.Tensor]
 
@@ -29,7 +28,7 @@ Inputs = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class Measurement:
     accuracy: float
-    size_bytes: int  # the pickled module, as mlflow.pytorch stores it
+    size_bytes: int  # the weights file the served model stores (network_file: safetensors)
     gzip_bytes: int  # the same, gzip-compressed (zeros from pruning show here)
     latency_ms: float  # median CPU time for one batch, one thread
     zero_weight_share: float  # of the Linear layers' weights
@@ -74,11 +73,7 @@ def compress(network: nn.Module, cfg: CompressConfig) -> nn.Module:
         for m in linears:
             prune.remove(m, "weight")  # the zeros become the weights themselves
     if cfg.quantize:
-        with warnings.catch_warnings():
-            # torch.ao's eager quantization is deprecated in favour of torchao, which has no
-            # release for this torch yet; its dynamic int8 Linear is still torch's own kernel.
-            warnings.simplefilter("ignore")
-            model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        model = quantize(model)
     return model
 
 
@@ -97,9 +92,7 @@ def _zero_share(model: nn.Module) -> float:
 
 
 def _sizes(model: nn.Module) -> tuple[int, int]:
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    data = buffer.getvalue()
+    data = weights_bytes(model)
     return len(data), len(gzip.compress(data, compresslevel=6))
 
 

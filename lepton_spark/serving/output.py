@@ -11,7 +11,10 @@ old one is touched, in the way the store can do it:
 - **object stores** (S3, GCS: no folder rename): written under ``OUTPUT/attempt-<time>-<id>/``;
   the commit is the marker, one object put naming that attempt; older attempts are deleted after
   it. Read the attempt the marker names (:func:`committed_uri`, which ``score`` returns and the
-  CLI prints), or the whole prefix with ``recursiveFileLookup``.
+  CLI prints). The executors write the Parquet files there with pyarrow
+  (:func:`write_parts`, one ``part-NNNNN.parquet`` per partition: a retried task rewrites its
+  own file, whole objects only), so no Hadoop S3A/GCS connector is needed; credentials come from
+  the executors' environment (the store's usual variables) or the URI.
 
 ``--overwrite`` replaces only a previous scoring output (one with a marker), and never the working
 directory, the home directory or a folder above either.
@@ -24,14 +27,16 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from pyarrow import fs as pafs
+from pyspark.sql import DataFrame
 
 from lepton_spark.errors import ScoringError
-from lepton_spark.shards.storage import Location, check_writable
+from lepton_spark.shards.storage import Location, check_writable, locate
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,44 @@ def commit(write: Callable[[str], None], destination: Location, meta: dict[str, 
     if renames_folders(destination):
         return _commit_by_rename(write, destination, marker)
     return _commit_by_marker(write, destination, marker)
+
+
+def writer(df: DataFrame, destination: Location) -> Callable[[str], None]:
+    """How ``df`` is written as Parquet at a URI :func:`commit` gives: Spark's own writer where
+    Spark's filesystems reach (local disks, HDFS), pyarrow on the executors on object stores."""
+    if renames_folders(destination):
+        return lambda uri: df.write.parquet(uri)
+    return lambda uri: write_parts(df, uri)
+
+
+def write_parts(df: DataFrame, uri: str) -> list[tuple[str, int]]:
+    """Write ``df`` under ``uri`` (a ``pyarrow.fs`` URI) from the executors, one Parquet file per
+    partition; the files and their row counts. The first partition writes a file even when it
+    has no rows, so the output always has a schema to read."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    schema = to_arrow_schema(df.schema)
+
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import pyarrow.parquet as pq
+        from pyspark import TaskContext
+
+        partition = TaskContext.get().partitionId()
+        target = locate(uri).child(f"part-{partition:05d}.parquet")
+        rows, out = 0, None
+        for batch in batches:
+            if out is None:
+                out = pq.ParquetWriter(target.path, batch.schema, filesystem=target.fs)
+            out.write_batch(batch)
+            rows += batch.num_rows
+        if out is None and partition == 0:
+            out = pq.ParquetWriter(target.path, schema, filesystem=target.fs)
+        if out is not None:
+            out.close()
+            yield pa.RecordBatch.from_pydict({"file": [target.uri], "rows": [rows]})
+
+    written = df.mapInArrow(write, "file string, rows long").collect()
+    return [(row["file"], row["rows"]) for row in written]
 
 
 def committed_uri(destination: Location) -> str:

@@ -4,11 +4,14 @@ The network a rank trains sees preprocessed features (vocabulary indices, standa
 The logged pyfunc model carries that preprocessing with it (the :class:`FeatureSpec`, artifact
 ``feature_spec``), so ``mlflow.pyfunc.load_model(uri).predict(frame)`` takes the columns the
 pipeline's SQL transform produces, as they are (:mod:`lepton_spark.serving.preprocess`). The
-trained ``nn.Module`` is inside, as an ``mlflow.pytorch`` model (artifact ``network``), and
-lepton-spark's code travels with it (``code_paths``).
+trained network is inside as weights and an architecture record (artifact ``weights``,
+:mod:`lepton_spark.serving.network_file`), lepton-spark's code travels with it (``code_paths``)
+and the pyfunc model itself is built by :mod:`lepton_spark.serving.model_code` ("models from
+code"): no pickle anywhere, so it loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
 
-Models logged before 0.2 name this class ``lepton_spark.serving.TabularModel`` in their pickle:
-:mod:`lepton_spark.serving` still answers to that name.
+Models logged earlier are pickles (the pyfunc model, and the network as an ``mlflow.pytorch`` model,
+artifact ``network``); they still load where pickles are allowed. Those logged before 0.2 name this
+class ``lepton_spark.serving.TabularModel``: :mod:`lepton_spark.serving` still answers to that name.
 """
 
 from __future__ import annotations
@@ -29,19 +32,26 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
-from lepton_spark.serving.scorer import NETWORK_ARTIFACT, SPEC_ARTIFACT, SPEC_FILE, Scorer
+from lepton_spark.config.schema import ModelConfig
+from lepton_spark.serving import network_file
+from lepton_spark.serving.scorer import (
+    SPEC_ARTIFACT,
+    SPEC_FILE,
+    WEIGHTS_ARTIFACT,
+    Scorer,
+    load_network,
+)
 from lepton_spark.spec import FeatureSpec
+
+MODEL_CODE = Path(__file__).with_name("model_code.py")
 
 
 class TabularModel(PythonModel):
     """The pyfunc model MLflow stores: see the module's docstring."""
 
     def load_context(self, context: Any) -> None:
-        import mlflow.pytorch
-
         spec = FeatureSpec.model_validate_json(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
-        network = mlflow.pytorch.load_model(context.artifacts[NETWORK_ARTIFACT], map_location="cpu")
-        self.scorer = Scorer(spec, network)
+        self.scorer = Scorer(spec, load_network(context.artifacts, spec))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
         return self.scorer.predict_frame(model_input)
@@ -49,18 +59,19 @@ class TabularModel(PythonModel):
 
 def log_model(
     network: torch.nn.Module,
+    model: ModelConfig,
     spec: FeatureSpec,
     raw_example: pd.DataFrame,
     pip_requirements: list[str],
     name: str = "model",
 ) -> str:
-    """Log ``network`` with its preprocessing as a pyfunc model into the active run; its URI.
+    """Log ``network`` (built from ``model``, maybe compressed) with its preprocessing as a pyfunc
+    model into the active run; its URI.
 
     The package's own code travels with the model (``code_paths``), so it loads where
-    lepton-spark is not installed; a user's model class must be importable where it is loaded.
+    lepton-spark is not installed; a user's model factory must be importable where it is loaded.
     """
     import mlflow
-    import mlflow.pytorch
 
     scorer = Scorer(spec, network)
     example_output = scorer.predict_frame(raw_example)
@@ -68,17 +79,12 @@ def log_model(
         signature = _signature(spec, raw_example, example_output)
         spec_file = Path(tmp) / SPEC_FILE
         spec_file.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
-        network_dir = Path(tmp) / NETWORK_ARTIFACT
-        mlflow.pytorch.save_model(
-            network,
-            str(network_dir),
-            serialization_format="pickle",
-            pip_requirements=pip_requirements,
-        )
+        weights_dir = Path(tmp) / WEIGHTS_ARTIFACT
+        network_file.save(network, model, weights_dir)
         info = mlflow.pyfunc.log_model(
             name=name,
-            python_model=TabularModel(),
-            artifacts={SPEC_ARTIFACT: str(spec_file), NETWORK_ARTIFACT: str(network_dir)},
+            python_model=str(MODEL_CODE),
+            artifacts={SPEC_ARTIFACT: str(spec_file), WEIGHTS_ARTIFACT: str(weights_dir)},
             code_paths=[str(_package_folder(Path(tmp)))],
             signature=signature,
             input_example=raw_example,
@@ -89,8 +95,8 @@ def log_model(
 
 @contextlib.contextmanager
 def _quiet_mlflow() -> Iterator[None]:
-    """The pickle formats are chosen on purpose (the network is a plain module, the preprocessing
-    a Python class); mlflow warns about them, and about int columns in the output, every time."""
+    """mlflow warns about int columns in the output (they cannot hold a missing value; ours never
+    miss one) every time."""
     loggers = [logging.getLogger(n) for n in ("mlflow.pytorch", "mlflow.pyfunc", "mlflow.models")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -98,8 +104,6 @@ def _quiet_mlflow() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
-            # Pickling a quantized module touches torch's deprecated TypedStorage.
-            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
@@ -147,5 +151,6 @@ def pip_requirements() -> list[str]:
         f"pandas=={pd.__version__}",
         f"pyarrow=={md.version('pyarrow')}",
         f"pydantic=={md.version('pydantic')}",
+        f"safetensors=={md.version('safetensors')}",
         f"mlflow=={md.version('mlflow')}",
     ]

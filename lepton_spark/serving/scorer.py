@@ -6,19 +6,23 @@ value); clustering: ``prediction`` (the nearest centroid) and ``distances`` (squ
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
+from torch import nn
 
+from lepton_spark.serving import network_file
 from lepton_spark.serving.preprocess import Columnar, Preprocessor
 from lepton_spark.spec import FeatureSpec
 
 SPEC_ARTIFACT = "feature_spec"  # the served model's artifacts (see lepton_spark.serving.pyfunc)
 SPEC_FILE = "feature_spec.json"
-NETWORK_ARTIFACT = "network"
+WEIGHTS_ARTIFACT = "weights"  # the network without pickle (lepton_spark.serving.network_file)
+NETWORK_ARTIFACT = "network"  # models logged before WEIGHTS_ARTIFACT: an mlflow.pytorch pickle
 
 
 PREDICTION = "prediction"
@@ -125,9 +129,18 @@ def _softmax(outputs: np.ndarray) -> np.ndarray:
 
 def load_scorer(model_dir: str | Path) -> Scorer:
     """A :class:`Scorer` from a downloaded model folder (what :func:`log_model` wrote)."""
-    import mlflow.pytorch
-
     artifacts = Path(model_dir) / "artifacts"
     spec = FeatureSpec.model_validate_json((artifacts / SPEC_FILE).read_text())
-    network = mlflow.pytorch.load_model(str(artifacts / NETWORK_ARTIFACT), map_location="cpu")
-    return Scorer(spec, network)
+    found = {p.name: str(p) for p in artifacts.iterdir()}
+    return Scorer(spec, load_network(found, spec))
+
+
+def load_network(artifacts: Mapping[str, str], spec: FeatureSpec) -> nn.Module:
+    """The served model's network from its artifacts (name → local path): safetensors weights
+    and an architecture record, or, in a model logged before those, an ``mlflow.pytorch`` pickle
+    (which MLflow refuses to load under ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``)."""
+    if WEIGHTS_ARTIFACT in artifacts:
+        return network_file.load(Path(artifacts[WEIGHTS_ARTIFACT]), spec)
+    import mlflow.pytorch
+
+    return mlflow.pytorch.load_model(artifacts[NETWORK_ARTIFACT], map_location="cpu")

@@ -1,7 +1,8 @@
 """A hostile peer on the cluster's network during a real training stage: it finds the driver's
 event port and sends what it can (unsigned, forged, oversized and malformed lines, a thousand idle
-connections). The run finishes, no forged metric is in it, what the channel refused is counted in
-the run, and the Horovod rendezvous port is closed once training runs."""
+connections). The run finishes with the metrics of a clean run, no forged metric is in it, the
+driver's memory stays bounded, what the channel refused is counted in the run, and the Horovod
+rendezvous port is closed once training runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import logging
 import re
 import socket
 import threading
+import time
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -24,7 +27,26 @@ pytestmark = pytest.mark.slow
 FORGED = {"v": 1, "event": "epoch", "epoch": 1, "metrics": {VAL_ACCURACY: 1.0, "val/forged": 7.0}}
 
 
-def attack(host: str, port: int, idle: list[socket.socket]) -> None:
+def attack(host: str, port: int, idle: list[socket.socket], rss: list[int]) -> None:
+    """``rss``: the driver's (this process's) resident memory, sampled while the attack runs."""
+    done = threading.Event()
+
+    def sample() -> None:
+        me = psutil.Process()
+        while not done.is_set():
+            rss.append(me.memory_info().rss)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        _attack(host, port, idle)
+    finally:
+        done.set()
+        sampler.join()
+
+
+def _attack(host: str, port: int, idle: list[socket.socket]) -> None:
     lines = [
         b"{not json\n",
         json.dumps(FORGED).encode() + b"\n",  # unsigned
@@ -49,6 +71,7 @@ class _Attacker(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.idle: list[socket.socket] = []
+        self.rss: list[int] = []
         self.target: tuple[str, int] | None = None
         self.thread: threading.Thread | None = None
 
@@ -59,13 +82,14 @@ class _Attacker(logging.Handler):
 
     def start(self) -> None:
         if self.thread is None and self.target is not None:
-            self.thread = threading.Thread(target=attack, args=(*self.target, self.idle))
+            self.thread = threading.Thread(target=attack, args=(*self.target, self.idle, self.rss))
             self.thread.start()
 
 
 def test_a_hostile_peer_on_the_event_port_changes_nothing_in_the_run(
     spark, demo_config, tmp_path, horovod
 ):
+    clean = run_pipeline(demo_config, spark=spark, progress=lambda e: None)
     attacker = _Attacker()
     logger = logging.getLogger("lepton_spark.cluster.stage")
     logger.addHandler(attacker)
@@ -98,6 +122,8 @@ def test_a_hostile_peer_on_the_event_port_changes_nothing_in_the_run(
     assert attacker.thread is not None, "the stage never said where its event channel is"
     assert open_while_training == [False], "the rendezvous port was open during training"
     assert len(attacker.idle) > MAX_CONNECTIONS  # (the stage may end before all 1,000 are in)
+    # A 100 MB line and a thousand connections: the driver's memory grows by less than 64 MiB.
+    assert len(attacker.rss) > 3 and max(attacker.rss) - attacker.rss[0] < 64 << 20
 
     client = MlflowClient(result.tracking_uri)
     run = client.get_run(result.run_id)
@@ -106,6 +132,8 @@ def test_a_hostile_peer_on_the_event_port_changes_nothing_in_the_run(
     assert [m.step for m in history] == [1, 2]
     assert all(m.value < 0.99 for m in history)  # the forged 1.0 is not among them
     assert "val/forged" not in run.data.metrics
+    for name in (VAL_ACCURACY, "val/loss"):  # the same seed and shards: the clean run's model
+        assert result.metrics[name] == pytest.approx(clean.metrics[name], abs=1e-4)
     dropped = {
         k.removeprefix(EVENTS_DROPPED_PREFIX): v
         for k, v in run.data.metrics.items()

@@ -7,9 +7,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from lepton_spark.models import TabularMLP
+from lepton_spark.config.schema import ModelConfig
+from lepton_spark.models import build_model
 from lepton_spark.serving.batch import score
 from lepton_spark.serving.pyfunc import log_model, pip_requirements
 from lepton_spark.spec import CategoricalFeature, FeatureSpec, Standardization
@@ -29,13 +29,13 @@ SPEC = FeatureSpec(
 def logged(tmp_path) -> str:
     """A lepton-spark model (untrained weights: the scoring path is what is tested) in a local
     MLflow store; its URI."""
-    torch.manual_seed(0)
-    network = TabularMLP(SPEC, hidden=[8], embedding_dim=2).eval()
+    model = ModelConfig(hidden=[8], embedding_dim=2)
+    network = build_model(model, SPEC, seed=0).eval()
     example = pd.DataFrame({"x": [0.5, 1.0], "y": [2.0, -1.0], "c": ["p", "zz"]})
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = mlflow.create_experiment("scoring", artifact_location=(tmp_path / "a").as_uri())
     with mlflow.start_run(experiment_id=experiment):
-        return log_model(network, SPEC, example, pip_requirements=pip_requirements())
+        return log_model(network, model, SPEC, example, pip_requirements=pip_requirements())
 
 
 def test_score_matches_the_pyfunc_model_and_loads_it_once_per_worker(spark, logged, tmp_path):
@@ -72,3 +72,46 @@ def test_score_matches_the_pyfunc_model_and_loads_it_once_per_worker(spark, logg
     again = score(spark, logged, str(table), str(tmp_path / "out"), keys=["id"], overwrite=True)
     assert again.rows == rows
     assert len(pd.read_parquet(tmp_path / "out")) == rows
+
+
+def test_scores_on_s3_are_whole_after_each_overwrite_and_only_one_attempt_is_kept(
+    spark, logged, tmp_path, s3
+):
+    """``score --output s3://…`` on an S3 API (no folder renames): written by the executors under
+    an attempt prefix, committed by the marker, the old attempt deleted only after."""
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+
+    from lepton_spark.errors import ScoringError
+    from lepton_spark.serving.output import MARKER
+
+    rng = np.random.default_rng(2)
+    outputs = []
+    destination = s3.uri("scores/daily")
+    for round_, rows in enumerate((1200, 700)):
+        frame = pd.DataFrame(
+            {
+                "id": np.arange(rows) + 10_000 * round_,
+                "x": rng.normal(size=rows),
+                "y": rng.normal(size=rows),
+                "c": rng.choice(["p", "q", "r"], rows),
+            }
+        )
+        table = tmp_path / f"input-{round_}.parquet"
+        spark.createDataFrame(frame).repartition(3).write.parquet(str(table))
+        result = score(spark, logged, str(table), destination, keys=["id"], overwrite=round_ > 0)
+        assert result.rows == rows
+        filesystem, path = pafs.FileSystem.from_uri(result.output)
+        read = pq.read_table(path, filesystem=filesystem).to_pandas()
+        assert sorted(read["id"]) == list(frame["id"])
+        expected = mlflow.pyfunc.load_model(logged).predict(frame.set_index("id").loc[read["id"]])
+        assert read["prediction"].tolist() == expected["prediction"].tolist()
+        outputs.append(result.output)
+        if round_ == 0:
+            with pytest.raises(ScoringError, match="exists; --overwrite"):
+                score(spark, logged, str(table), destination, keys=["id"])
+
+    filesystem, prefix = pafs.FileSystem.from_uri(destination)
+    left = sorted(i.base_name for i in filesystem.get_file_info(pafs.FileSelector(prefix)))
+    assert left == sorted([MARKER, outputs[1].split("?")[0].rsplit("/", 1)[-1]])
+    assert outputs[0] != outputs[1]
