@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-connect test-fast lint format lock clean config-reference bench bench-data-path bench-memory \
 	bench-scaling bench-petastorm bench-petastorm-env bench-recovery bench-scoring bench-tracking \
-	bench-estimator bench-connect wheel cluster-up cluster-down airflow-env
+	bench-estimator bench-connect bench-engines bench-vs-torchdistributor bench-vs-horovod-run \
+	wheel cluster-up cluster-down airflow-env
 
 $(STAMP): pyproject.toml constraints.txt scripts/install_horovod.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,7 +58,7 @@ test-fast: setup
 
 # Benchmarks: measured side by side in one run, never timed tests (shared machines are noisy).
 bench: bench-data-path bench-memory bench-scaling bench-petastorm bench-scoring bench-tracking \
-	bench-estimator bench-connect
+	bench-estimator bench-connect bench-engines bench-vs-torchdistributor bench-vs-horovod-run
 
 bench-data-path: setup
 	$(BIN)/python -m benchmarks.data_path
@@ -67,6 +68,15 @@ bench-memory: setup
 
 bench-scaling: setup
 	$(BIN)/python -m benchmarks.scaling
+
+bench-engines: setup
+	$(BIN)/python -m benchmarks.engines
+
+bench-vs-torchdistributor: setup
+	$(BIN)/python -m benchmarks.vs_torchdistributor
+
+bench-vs-horovod-run: setup
+	$(BIN)/python -m benchmarks.vs_horovod_run
 
 bench-recovery: setup
 	$(BIN)/python -m benchmarks.recovery

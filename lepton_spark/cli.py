@@ -36,7 +36,7 @@ from lepton_spark.redact import redact_text
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Train PyTorch models on Spark data: ETL → Arrow shards → Horovod → MLflow.",
+    help="Train PyTorch models on Spark data: ETL → Arrow shards → Horovod, DDP or FSDP → MLflow.",
 )
 console = Console(stderr=True)
 
@@ -85,9 +85,7 @@ def run(
             envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: local store)."
         ),
     ] = None,
-    num_workers: Annotated[
-        int | None, typer.Option(help="Horovod ranks (train.num_workers).")
-    ] = None,
+    num_workers: Annotated[int | None, typer.Option(help="Ranks (train.num_workers).")] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a config value: --set train.epochs=5 (repeatable)."),

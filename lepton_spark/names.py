@@ -33,6 +33,7 @@ TAG_RANKS_DEVICE = "ranks.device"
 TAG_RANKS_PRECISION = "ranks.precision"
 TAG_RANKS_CODE = "ranks.code"  # where the ranks imported lepton_spark from
 TAG_ATTEMPTS = "training.attempts"
+TAG_RANKS_PER_ATTEMPT = "training.ranks"  # "2,1": an elastic retry went on with fewer ranks
 TAG_MODEL_URI = "model_uri"
 TAG_REGISTRY_MODEL = "registry.model"
 TAG_REGISTRY_VERSION = "registry.version"
@@ -62,6 +63,7 @@ TRAIN_THROUGHPUT = "train/throughput_samples_per_second"
 TRAIN_LOSS = "train/loss"
 TRAIN_SAMPLES_PER_SECOND = "train/samples_per_second"
 TRAIN_EPOCH_SECONDS = "train/epoch_seconds"
+TRAIN_RANKS = "train/ranks"  # per attempt (step = the attempt, from 0)
 VAL_LOSS = "val/loss"
 VAL_ACCURACY = "val/accuracy"
 VAL_MSE = "val/mse"

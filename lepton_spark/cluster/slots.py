@@ -116,6 +116,31 @@ def check_slots(
         time.sleep(1.0)
 
 
+def elastic_ranks(
+    spark: Any, wanted: int, least: int, device: str = "auto", wait_s: float | None = None
+) -> int:
+    """How many ranks a retry can have: ``wanted`` when that many slots come within ``wait_s``,
+    else the slots there are if at least ``least`` (``train.min_workers``); else the
+    :class:`SlotsError` of too few."""
+    try:
+        check_slots(spark, wanted, device, wait_s)
+        return wanted
+    except SlotsError:
+        slots = available_slots(spark) or 0
+        if least >= wanted or slots < least:
+            raise
+        got = min(slots, wanted)
+        log.warning(
+            "%d of the %d ranks' slots are left (train.min_workers is %d): going on with %d ranks "
+            "from the checkpoint",
+            slots,
+            wanted,
+            least,
+            got,
+        )
+        return got
+
+
 def spark_seconds(duration: str) -> float:
     """Spark's duration strings: ``30s``, ``2min``, ``500ms``, ``1h``; a bare number is ms."""
     found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*", duration)

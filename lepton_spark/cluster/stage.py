@@ -63,6 +63,7 @@ class BarrierSettings:
     stall_timeout_s: float | None = None
     slot_wait_s: float | None = None  # how long to wait for executors (None: Spark's setting)
     events_host: str | None = None  # where ranks reach the driver (None: see sparkinfo)
+    engine: str = "horovod"  # train.backend: what the tasks set up for their ranks
 
     @property
     def startup_s(self) -> float:
@@ -84,9 +85,15 @@ class BarrierSettings:
 class _Driver:
     """The driver's view of one stage: events in, failures kept, heartbeats to the stall watch."""
 
-    def __init__(self, on_event: Callable[[Event], None] | None, watch: StallWatch | None) -> None:
+    def __init__(
+        self,
+        on_event: Callable[[Event], None] | None,
+        watch: StallWatch | None,
+        engine: str = "horovod",
+    ) -> None:
         self.on_event = on_event
         self.watch = watch
+        self.engine = engine
         self.failures: list[RankFailed] = []
 
     def __call__(self, event: Event) -> None:
@@ -98,7 +105,10 @@ class _Driver:
             self.failures.append(event)
         elif isinstance(event, Rendezvous):
             log.info(
-                "Horovod rendezvous server at %s:%s (rank 0's executor, for this stage only)",
+                "%s at %s:%s (rank 0's executor, for this stage only)",
+                "Horovod rendezvous server"
+                if self.engine == "horovod"
+                else "torch.distributed store",
                 event.host,
                 event.port,
             )
@@ -131,7 +141,7 @@ def run_barrier(
         if settings.stall_timeout_s is not None
         else None
     )
-    driver = _Driver(on_event, watch)
+    driver = _Driver(on_event, watch, settings.engine)
     try:
         raw = _run_stage(spark, cloudpickle.dumps(fn), num_workers, tag, driver, settings)
     finally:
@@ -198,7 +208,10 @@ def _run_stage(
                     unreachable,
                 )
             task = barrier_task(
-                payload, TaskSettings(address, settings.gloo_timeout_s, settings.watch)
+                payload,
+                TaskSettings(
+                    address, settings.gloo_timeout_s, settings.watch, engine=settings.engine
+                ),
             )
             stage = spark.range(0, num_workers, 1, num_workers).mapInArrow(
                 task, RESULT_SCHEMA, barrier=True

@@ -5,10 +5,12 @@ row per rank, the same on classic Spark and on Spark Connect. In each task:
 
 1. ``BarrierTaskContext.allGather`` shares every task's executor address; the slot plan
    (:func:`~lepton_spark.cluster.topology.slot_plan`) follows from it, the same on every task.
-2. Rank 0 starts Horovod's Gloo rendezvous server bound to its executor's address (not 0.0.0.0),
-   and a second ``allGather`` hands its port to the others.
+2. Rank 0 starts Horovod's Gloo rendezvous server bound to its executor's address (not 0.0.0.0)
+   or, for torch.distributed (``engine`` ``ddp``/``fsdp``), reserves the port its process will
+   serve the ``TCPStore`` on; a second ``allGather`` hands the port to the others.
 3. Each task runs ``fn(RankContext)`` in a child process (:mod:`lepton_spark.cluster.child`) with
-   the ``HOROVOD_*`` environment and ``CUDA_VISIBLE_DEVICES`` from the GPUs Spark assigned it,
+   the engine's environment (``HOROVOD_*``, or ``MASTER_ADDR``/``RANK``/``WORLD_SIZE``…) and
+   ``CUDA_VISIBLE_DEVICES`` from the GPUs Spark assigned it,
    and watches it: a child that stops moving for ``stall_timeout_s`` is stopped by its own task,
    whether or not the driver hears the rank's heartbeats.
 4. A final barrier, then rank 0 stops the rendezvous server (also when anything failed), and the
@@ -32,6 +34,7 @@ from lepton_spark.cluster.channel import ENV_VAR, EventClient
 from lepton_spark.cluster.child import Watch, run_child
 from lepton_spark.cluster.horovod import RendezvousService, horovod_env, rendezvous_address
 from lepton_spark.cluster.topology import Slot, interface_for, slot_plan
+from lepton_spark.cluster.torchdist import reserve_port, torch_env
 from lepton_spark.errors import BarrierError, InputError, StallError
 from lepton_spark.events import Event, RankFailed, Rendezvous
 
@@ -63,6 +66,7 @@ class TaskSettings:
     watch: Watch | None = None  # the task's own bound on a rank that stops moving
     # The stage's rendezvous secret, made by the driver; travels only inside the task.
     rendezvous_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    engine: str = "horovod"  # train.backend: horovod's rendezvous, or torch.distributed's store
 
 
 def result_rows(rank: int, payload: bytes) -> pa.RecordBatch:
@@ -103,22 +107,29 @@ def barrier_task(
         slots = slot_plan(hosts)
         client = EventClient(settings.events) if settings.events else None
         server = None
+        horovod = settings.engine == "horovod"
         try:
+            port = None
             if rank == 0:
-                server = RendezvousService(host, slots, settings.rendezvous_secret)
+                if horovod:
+                    server = RendezvousService(host, slots, settings.rendezvous_secret)
+                    port = server.address[1]
+                else:
+                    port = reserve_port(host)
                 if client:
-                    rdv_host, rdv_port = server.address
-                    client.send(Rendezvous(host=rdv_host, port=rdv_port))
-            message = json.dumps({"port": server.address[1] if server else None})
-            port = json.loads(tc.allGather(message)[0])["port"]
+                    client.send(Rendezvous(host=host, port=port))
+            port = json.loads(tc.allGather(json.dumps({"port": port}))[0])["port"]
             gpus = tuple(tc.resources()["gpu"].addresses) if "gpu" in tc.resources() else ()
-            env = horovod_env(
-                slots[rank],
-                (rendezvous_address(hosts[0], port, settings.rendezvous_secret), port),
-                interface_for(host),
-                settings.gloo_timeout_s,
-                settings.watch.stall_timeout_s if settings.watch else None,
-            )
+            if horovod:
+                env = horovod_env(
+                    slots[rank],
+                    (rendezvous_address(hosts[0], port, settings.rendezvous_secret), port),
+                    interface_for(host),
+                    settings.gloo_timeout_s,
+                    settings.watch.stall_timeout_s if settings.watch else None,
+                )
+            else:
+                env = torch_env(slots[rank], (hosts[0], port), interface_for(host))
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
             if settings.events:

@@ -43,7 +43,7 @@ class RankState:
 
     def describe(self) -> str:
         if self.epoch < 0:
-            return "at start-up (Horovod init, reading the manifest, checking the shards)"
+            return "at start-up (the engine's init, reading the manifest, checking the shards)"
         return f"at epoch {self.epoch + 1}, " + _DOING[self.doing].format(step=self.step, n=self.n)
 
 

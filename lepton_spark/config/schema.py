@@ -265,17 +265,31 @@ class TrainConfig(_Frozen):
     """The barrier stage's ranks and how they train."""
 
     num_workers: int = Field(2, gt=0)
-    """Ranks: one barrier task, one process, one Horovod rank each."""
+    """Ranks: one barrier task, one process, one rank of the engine each."""
+    backend: Literal["horovod", "ddp", "fsdp"] = "horovod"
+    """The data-parallel engine: ``horovod`` (Gloo on CPU, NCCL on GPU), ``ddp`` (torch's
+    DistributedDataParallel) or ``fsdp`` (FSDP2: parameters, gradients and optimizer state
+    sharded over the ranks, for models that outgrow one); ``ddp``/``fsdp`` use gloo on CPU,
+    NCCL on GPU, and need no Horovod build."""
     epochs: int = Field(3, gt=0)
     """Passes over the training split (k-means: the most Lloyd iterations)."""
     batch_size: int = Field(512, gt=0)
-    """Rows per rank per step."""
+    """Rows per rank per step (per micro-batch with ``accumulate_steps``)."""
+    accumulate_steps: int = Field(1, gt=0)
+    """Gradient accumulation: the ranks average their gradients and step once every N batches
+    (Horovod's ``backward_passes_per_step``, DDP's ``no_sync``, FSDP's gradient sync switched
+    off in between): N times fewer allreduces, an effective batch of
+    ``batch_size`` × N × ranks."""
+    compression: Literal["none", "fp16", "bf16"] = "none"
+    """Gradients sent between ranks in 16 bits: Horovod's ``Compression.fp16`` (no bf16), DDP's
+    fp16/bf16 communication hooks. Not for ``fsdp``, whose reduce dtype follows
+    ``mixed_precision``."""
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
-    """The torch optimizer, wrapped in Horovod's ``DistributedOptimizer``."""
+    """The torch optimizer (Horovod: wrapped in its ``DistributedOptimizer``)."""
     lr: float = Field(1e-3, gt=0.0)
     """Learning rate for one rank."""
     lr_scaling: Literal["linear", "none"] = "linear"
-    """``linear``: ``lr`` × ranks (the ranks average ``num_workers`` batches a step)."""
+    """``linear``: ``lr`` × ranks × ``accumulate_steps`` (a step averages that many batches)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Per-step schedule: constant, or cosine decay to zero over the run."""
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
@@ -308,10 +322,15 @@ class TrainConfig(_Frozen):
     """Also checkpoint every N steps (always at each epoch's end)."""
     retries: int = Field(2, ge=0)
     """Times a failed training stage is run again, from the checkpoint."""
+    min_workers: int | None = Field(None, gt=0)
+    """Elastic resume: a retry that finds fewer slots than ``num_workers`` (an executor lost for
+    good) but at least this many goes on from the checkpoint with the ranks it can get (the
+    shards spread over them, the learning rate scaled for their number). Default: ``num_workers``
+    (a retry waits for all of them)."""
     stall_timeout_s: float = Field(300.0, gt=0.0)
     """Fail the training stage when no rank moves for this long (names the rank)."""
     gloo_timeout_s: int = Field(120, gt=0)
-    """Horovod's Gloo rendezvous and connection timeout."""
+    """The rendezvous and connection timeout (Horovod's Gloo, torch.distributed's process group)."""
     fault_inject: str | None = Field(None, pattern=r"^(kill|hang):\d+:\d+$")
     """Testing only: ``kill:RANK:STEP`` or ``hang:RANK:STEP`` on the first attempt."""
     loss: str | None = None
@@ -324,10 +343,19 @@ class TrainConfig(_Frozen):
     """Horovod's background cycle (``HOROVOD_CYCLE_TIME``); its 1 ms default costs a CPU rank
     ~10% of a core in idle polling (``benchmarks/scaling``)."""
 
+    # Fields added after runs were keyed: at these values they leave a run key's fingerprint as
+    # it was before them, so an unfinished run of an older version still resumes.
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "backend": "horovod",
+        "accumulate_steps": 1,
+        "compression": "none",
+    }
+
     # Fields that decide how a run is carried out, not what it trains (run keys ignore them).
     OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
         {
             "retries",
+            "min_workers",
             "fault_inject",
             "stall_timeout_s",
             "gloo_timeout_s",
@@ -338,6 +366,36 @@ class TrainConfig(_Frozen):
             "device",
         }
     )
+
+    @model_validator(mode="after")
+    def _engine_options(self) -> TrainConfig:
+        if self.compression != "none" and self.backend == "fsdp":
+            raise ValueError(
+                "train.compression does not apply to train.backend 'fsdp' (its gradients are "
+                "reduced in the precision train.mixed_precision sets): leave it 'none'"
+            )
+        if self.compression == "bf16" and self.backend == "horovod":
+            raise ValueError(
+                "train.compression 'bf16' needs train.backend 'ddp': Horovod compresses to "
+                "fp16 only"
+            )
+        every = self.checkpoint_every_steps
+        if every and every % self.accumulate_steps:
+            raise ValueError(
+                f"train.checkpoint_every_steps ({every}) must be a multiple of "
+                f"train.accumulate_steps ({self.accumulate_steps}): checkpoints fall between "
+                "optimizer steps"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _min_workers(self) -> TrainConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(
+                f"train.min_workers ({self.min_workers}) is more than train.num_workers "
+                f"({self.num_workers})"
+            )
+        return self
 
 
 class ModelConfig(_Frozen):
@@ -469,6 +527,11 @@ class PipelineConfig(_Frozen):
                 "clustering pipelines use model 'kmeans', and model 'kmeans' is for clustering "
                 f"(features.task is {self.features.task!r}, model.name {self.model.name!r})"
             )
+        if self.train.backend == "fsdp" and self.model.name == "kmeans":
+            raise ValueError(
+                "train.backend 'fsdp' shards a model's parameters and k-means has none to shard: "
+                "use 'horovod' or 'ddp'"
+            )
         if self.compress.enabled and self.features.task != "classification":
             raise ValueError("compress is measured by accuracy: classification models only")
         if self.compress.quantize and self.model.name == "transformer":
@@ -507,7 +570,11 @@ class PipelineConfig(_Frozen):
         dump = self.model_dump(
             mode="json", exclude={"spark", "tracking", "description", "compress", "baseline"}
         )
-        dump["train"] = {k: v for k, v in dump["train"].items() if k not in TrainConfig.OPERATIONAL}
+        dump["train"] = {
+            k: v
+            for k, v in dump["train"].items()
+            if k not in TrainConfig.OPERATIONAL and TrainConfig.ADDED_DEFAULTS.get(k, ...) != v
+        }
         dump["shards"].pop("keep")  # housekeeping, not the model
         return _digest(dump)
 

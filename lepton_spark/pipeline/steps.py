@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from lepton_spark import baselines
+from lepton_spark.cluster.slots import elastic_ranks
 from lepton_spark.cluster.stage import BarrierSettings, run_barrier
 from lepton_spark.config import PipelineConfig
 from lepton_spark.data.fingerprint import dataset_fingerprint
@@ -261,15 +262,25 @@ def train_with_retries(
         gloo_timeout_s=spec.train.gloo_timeout_s,
         stall_timeout_s=spec.train.stall_timeout_s,  # train_rank sends heartbeats: watched
         events_host=events_host,
+        engine=spec.train.backend,
     )
+    wanted = spec.train.num_workers
     for attempt in range(attempts):
-        # A retry after a lost executor waits for its replacement as long as a start-up may take.
+        # A retry after a lost executor waits for its replacement as long as a start-up may take;
+        # then, elastic (train.min_workers), it goes on with the slots that are left.
         wait = None if attempt == 0 else settings.startup_s
+        ranks = wanted
         try:
+            if attempt > 0:
+                least = spec.train.min_workers or wanted
+                ranks = elastic_ranks(spark, wanted, least, spec.train.device, wait)
+                wait = 0.0 if ranks < wanted else wait
+            train = spec.train.model_copy(update={"num_workers": ranks})
+            attempt_spec = dataclasses.replace(spec, train=train, attempt=attempt)
             results = run_barrier(
                 spark,
-                functools.partial(train_rank, dataclasses.replace(spec, attempt=attempt)),
-                spec.train.num_workers,
+                functools.partial(train_rank, attempt_spec),
+                ranks,
                 on_event=on_event,
                 settings=dataclasses.replace(settings, slot_wait_s=wait),
                 device=spec.train.device,

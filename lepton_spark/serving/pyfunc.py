@@ -24,6 +24,7 @@ import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from lepton_spark.serving.scorer import (
 )
 from lepton_spark.spec import FeatureSpec
 
-MODEL_CODE = Path(__file__).with_name("model_code.py")
+MODEL_CODE = "model_code.py"  # in this package; read as a resource (it may be inside a zip)
 
 
 class TabularModel(PythonModel):
@@ -79,11 +80,15 @@ def log_model(
         signature = _signature(spec, raw_example, example_output)
         spec_file = Path(tmp) / SPEC_FILE
         spec_file.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        # spark-submit --py-files ships the package as a zip: the file MLflow runs is written
+        # out from the package's resources, not pointed at.
+        code = Path(tmp) / MODEL_CODE
+        code.write_text(resources.files("lepton_spark.serving").joinpath(MODEL_CODE).read_text())
         weights_dir = Path(tmp) / WEIGHTS_ARTIFACT
         network_file.save(network, model, weights_dir)
         info = mlflow.pyfunc.log_model(
             name=name,
-            python_model=str(MODEL_CODE),
+            python_model=str(code),
             artifacts={SPEC_ARTIFACT: str(spec_file), WEIGHTS_ARTIFACT: str(weights_dir)},
             code_paths=[str(_package_folder(Path(tmp)))],
             signature=signature,

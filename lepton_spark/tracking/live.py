@@ -17,8 +17,10 @@ from lepton_spark.names import (
     EVENTS_DROPPED_PREFIX,
     TAG_RANKS_CODE,
     TAG_RANKS_DEVICE,
+    TAG_RANKS_PER_ATTEMPT,
     TAG_RANKS_PRECISION,
     TRAIN_LOSS_STEP,
+    TRAIN_RANKS,
     TRAIN_THROUGHPUT,
 )
 from lepton_spark.tracking.run import TrackedRun
@@ -26,12 +28,13 @@ from lepton_spark.tracking.run import TrackedRun
 
 class LiveMetrics:
     """An event handler: ``progress`` → per-step metrics, ``epoch`` → epoch metrics, ``start``
-    → the ranks' device, precision and code as tags."""
+    → the ranks' device, precision and code as tags, and the ranks of each attempt."""
 
     def __init__(self, run: TrackedRun) -> None:
         self.run = run
         self._seen: set[tuple[str, int]] = set()
         self._dropped: Counter[str] = Counter()
+        self._ranks: dict[int, int] = {}  # attempt → ranks it ran with
 
     def replay(self, reports: list[dict[str, Any]]) -> int:
         """Log the reports that did not arrive as they happened; how many there were."""
@@ -72,10 +75,13 @@ class LiveMetrics:
                 wait=False,
             )
         elif isinstance(event, Start):
+            self._ranks[event.attempt] = event.size
             self.run.set_tags(
                 {
                     TAG_RANKS_DEVICE: event.device,
                     TAG_RANKS_PRECISION: event.precision,
                     TAG_RANKS_CODE: event.code,
+                    TAG_RANKS_PER_ATTEMPT: ",".join(map(str, self._ranks.values())),
                 }
             )
+            self.run.log_metrics({TRAIN_RANKS: float(event.size)}, step=event.attempt, wait=False)

@@ -40,6 +40,7 @@ class Checkpoint:
     optimizer: dict[str, Any]
     schedule: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
+    size: int | None = None  # the ranks that wrote it (None: a checkpoint from before 0.3)
 
 
 def save_checkpoint(folder: str | Path | Location, checkpoint: Checkpoint) -> Location:
@@ -57,6 +58,7 @@ def save_checkpoint(folder: str | Path | Location, checkpoint: Checkpoint) -> Lo
         "schedule": checkpoint.schedule,
         # JSON text: plain values only, whatever the metrics hold.
         "history": json.dumps(checkpoint.history),
+        "size": checkpoint.size,
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -78,4 +80,5 @@ def load_checkpoint(folder: str | Path | Location) -> Checkpoint | None:
         optimizer=payload["optimizer"],
         schedule=payload["schedule"],
         history=json.loads(payload["history"]),
+        size=payload.get("size"),
     )

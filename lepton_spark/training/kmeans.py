@@ -1,4 +1,4 @@
-"""k-means as a rank loop: Lloyd's iterations with one Horovod allreduce each (model ``kmeans``).
+"""k-means as a rank loop: Lloyd's iterations with one allreduce each (model ``kmeans``).
 
 Each rank assigns its own rows to the nearest centroid; the centroid sums, counts and cost are
 added up across the ranks. No steps to keep equal (every rank visits all its rows), no
@@ -67,7 +67,7 @@ def _assign(
 
 def train_kmeans(
     spec: TrainSpec,
-    hvd: Any,
+    engine: Any,
     report: Report | None,
     beat: Beat,
     loader: ShardLoader,
@@ -75,7 +75,7 @@ def train_kmeans(
     device: torch.device,
 ) -> TrainResult:
     """Lloyd's k-means across the ranks: each rank assigns its own rows; the centroid sums,
-    counts and cost are added up with one Horovod allreduce per iteration.
+    counts and cost are added up with one allreduce per iteration.
 
     Seeded with k-means++ on a sample gathered from every rank (the same on all ranks, then
     broadcast from rank 0). Stops after ``iterations`` or when no centroid moves more than
@@ -88,7 +88,7 @@ def train_kmeans(
     if report:
         report(
             Start(
-                size=hvd.size(),
+                size=engine.size(),
                 device=str(device),
                 precision="fp64",
                 epochs=iterations,
@@ -97,22 +97,22 @@ def train_kmeans(
                 code=code_location(),
             )
         )
-    centroids, scale = seed_centroids(hvd, loader, k, spec.train.seed)
+    centroids, scale = seed_centroids(engine, loader, k, spec.train.seed)
     centroids = centroids.to(device)
     history: list[dict[str, float]] = []
     for iteration in range(iterations):
-        centroids, metrics = lloyd_step(hvd, loader, centroids, scale, device, iteration, beat)
+        centroids, metrics = lloyd_step(engine, loader, centroids, scale, device, iteration, beat)
         history.append({"epoch": iteration + 1, **metrics})
         if report:
             report(Epoch(epoch=iteration + 1, metrics=metrics))
         if metrics[TRAIN_CENTROID_SHIFT] < tolerance:
             break
-    history[-1].update(final_costs(hvd, loader, val_loader, centroids, device))
+    history[-1].update(final_costs(engine, loader, val_loader, centroids, device))
     history[-1][TRAIN_ITERATIONS] = float(len(history))
-    rank = hvd.rank()
+    rank = engine.rank()
     return TrainResult(
         rank=rank,
-        size=hvd.size(),
+        size=engine.size(),
         device=str(device),
         steps_per_epoch=len(loader),
         history=history,
@@ -120,11 +120,13 @@ def train_kmeans(
     )
 
 
-def seed_centroids(hvd: Any, loader: ShardLoader, k: int, seed: int) -> tuple[torch.Tensor, float]:
+def seed_centroids(
+    engine: Any, loader: ShardLoader, k: int, seed: int
+) -> tuple[torch.Tensor, float]:
     """k-means++ on a sample gathered from every rank (at least 1,000 rows each), computed the
     same on every rank and broadcast from rank 0; and the data's scale (its std), which the
     stopping rule measures centroid moves against."""
-    per_rank = max(100 * k // hvd.size(), 1_000)
+    per_rank = max(100 * k // engine.size(), 1_000)
     sample = []
     taken = 0
     for batch in loader.epoch(0):
@@ -132,18 +134,20 @@ def seed_centroids(hvd: Any, loader: ShardLoader, k: int, seed: int) -> tuple[to
         taken += len(sample[-1])
         if taken >= per_rank:
             break
-    gathered = hvd.allgather(torch.cat(sample), name="kmeans_sample")
+    gathered = engine.allgather(torch.cat(sample), name="kmeans_sample")
     if len(gathered) < k:
         raise InputError(
             f"k-means with k={k} needs at least {k} training rows, got {len(gathered)}"
         )
     generator = torch.Generator().manual_seed(seed)
-    centroids = hvd.broadcast(_kmeans_plus_plus(gathered, k, generator), root_rank=0, name="init")
+    centroids = engine.broadcast(
+        _kmeans_plus_plus(gathered, k, generator), root_rank=0, name="init"
+    )
     return centroids, float(gathered.std()) or 1.0
 
 
 def lloyd_step(
-    hvd: Any,
+    engine: Any,
     loader: ShardLoader,
     centroids: torch.Tensor,
     scale: float,
@@ -165,8 +169,8 @@ def lloyd_step(
     k = len(centroids)
     sums, counts, cost = _assign(loader, centroids, device, moved)
     beat(iteration, step, Phase.REDUCING)
-    totals = hvd.allreduce(
-        torch.cat([sums.reshape(-1), counts, cost]).cpu(), op=hvd.Sum, name="kmeans_totals"
+    totals = engine.allreduce(
+        torch.cat([sums.reshape(-1), counts, cost]).cpu(), name="kmeans_totals"
     ).to(device)
     sums, counts = totals[: k * centroids.shape[1]].reshape(k, -1), totals[-k - 1 : -1]
     updated = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centroids)
@@ -180,7 +184,7 @@ def lloyd_step(
 
 
 def final_costs(
-    hvd: Any,
+    engine: Any,
     loader: ShardLoader,
     val_loader: ShardLoader,
     centroids: torch.Tensor,
@@ -189,8 +193,8 @@ def final_costs(
     """The final centroids' cost on the training rows and per row on the validation rows."""
     _, _, cost = _assign(loader, centroids, device, lambda: None)
     _, val_counts, val_cost = _assign(val_loader, centroids, device, lambda: None)
-    final = hvd.allreduce(
-        torch.cat([cost, val_cost, val_counts.sum().reshape(1)]).cpu(), op=hvd.Sum, name="cost"
+    final = engine.allreduce(
+        torch.cat([cost, val_cost, val_counts.sum().reshape(1)]).cpu(), name="cost"
     )
     return {
         TRAIN_COST: float(final[0]),

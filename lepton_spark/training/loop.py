@@ -1,8 +1,9 @@
 """The supervised rank loop, as steps: set up, resume, train an epoch, evaluate, reduce, checkpoint.
 
-Every rank runs the same steps in the same order (they join the same Horovod collectives);
-:func:`lepton_spark.training.worker.train_worker` calls them. ``hvd`` is ``horovod.torch`` (or
-anything with its API), passed in so that this module imports no engine.
+Every rank runs the same steps in the same order (they join the same collectives);
+:func:`lepton_spark.training.worker.train_worker` calls them. ``engine`` is the rank's
+:class:`~lepton_spark.training.engines.Engine` (Horovod, DDP or FSDP), passed in so that this
+module imports none.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from lepton_spark.training.devices import (
     choose_device,
     choose_precision,
 )
+from lepton_spark.training.engines import Engine, broadcast_bytes
 from lepton_spark.training.faults import inject_fault, planned_fault
 from lepton_spark.training.heartbeat import Beat
 from lepton_spark.training.job import Report, TrainSpec, code_location
@@ -98,8 +100,9 @@ def open_data(spec: TrainSpec, rank: int, size: int, local_rank: int, beat: Beat
 class Trainer:
     """One rank's model, optimizer and schedule, and how it computes a step."""
 
-    model: nn.Module
-    optimizer: Any  # hvd.DistributedOptimizer over a torch optimizer
+    engine: Engine
+    model: nn.Module  # as the engine wrapped it (DDP, FSDP) or as built (Horovod)
+    optimizer: Any  # Horovod: hvd.DistributedOptimizer over a torch optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     objective: Objective
     layout: Layout
@@ -107,46 +110,64 @@ class Trainer:
     precision: Precision
     scaler: torch.amp.GradScaler | None
 
-    def step(self, batch: Any) -> torch.Tensor:
-        """Forward, backward (allreduced), optimizer and schedule step; the batch's loss."""
+    def step(self, batch: Any, first: bool = True, last: bool = True, of: int = 1) -> torch.Tensor:
+        """Forward and backward of one batch, the ``of`` batches of one optimizer step
+        (``train.accumulate_steps``) adding up their gradients: the ``first`` clears them, the
+        ``last`` has them averaged over the ranks and takes the optimizer and schedule step.
+        The batch's loss."""
         batch = batch.to(self.device)
-        self.optimizer.zero_grad()
+        if first:
+            self.optimizer.zero_grad()
         with autocast(self.device, self.precision):
             outputs = self.model(self.layout.inputs(batch))
         loss = self.objective.loss(outputs.float(), batch.label, batch.weight)
-        if self.scaler is None:
-            loss.backward()
-            self.optimizer.step()
-        else:  # Horovod's recipe: allreduce, unscale, then step without a second allreduce
-            self.scaler.scale(loss).backward()
-            self.optimizer.synchronize()
-            self.scaler.unscale_(self.optimizer)
-            with self.optimizer.skip_synchronize():
-                self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self.schedule.step()
+        scaled = loss / of if of > 1 else loss
+        if last:
+            self.engine.step(scaled, self.optimizer, self.scaler)
+            self.schedule.step()
+        else:
+            with self.engine.accumulating(self.model):
+                self.engine.backward(scaled, self.scaler)
         return loss.detach()
 
 
-def set_up(spec: TrainSpec, hvd: Any, data: RankData) -> Trainer:
-    """The model (seeded), the optimizer (learning rate scaled for the ranks, wrapped in
-    Horovod's ``DistributedOptimizer``), the schedule over the whole run, the objective."""
+def set_up(spec: TrainSpec, engine: Engine, data: RankData) -> Trainer:
+    """The model (seeded), wrapped by the engine with its optimizer (learning rate scaled for
+    the ranks), the schedule over the whole run, the objective."""
     cfg = spec.train
     features = data.manifest.feature_spec
     precision = choose_precision(cfg.mixed_precision, data.device)
-    model = build_model(spec.model, features, seed=cfg.seed).to(data.device)
-    optimizer = make_optimizer(cfg, model.parameters(), scaled_lr(cfg, hvd.size()))
-    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    model = build_model(spec.model, features, seed=cfg.seed)
+    lr = scaled_lr(cfg, engine.size())
+    model, optimizer = engine.wrap(model, lambda ps: make_optimizer(cfg, ps, lr), data.device)
     return Trainer(
+        engine=engine,
         model=model,
         optimizer=optimizer,
-        schedule=make_schedule(cfg, optimizer, total_steps=data.steps * cfg.epochs),
+        schedule=make_schedule(
+            cfg,
+            optimizer,
+            total_steps=optimizer_steps(data.steps, cfg.accumulate_steps) * cfg.epochs,
+        ),
         objective=Objective(features, cfg),
         layout=data.train.layout,
         device=data.device,
         precision=precision,
         scaler=torch.amp.GradScaler(data.device.type) if precision.scaler else None,
     )
+
+
+def optimizer_steps(steps: int, accumulate: int) -> int:
+    """Optimizer steps in an epoch of ``steps`` batches (the last one may take fewer)."""
+    return -(-steps // accumulate)
+
+
+def accumulation_group(step: int, steps: int, accumulate: int) -> tuple[bool, bool, int]:
+    """For batch ``step`` (1-based) of an epoch of ``steps``: whether it opens its optimizer
+    step, whether it closes it, and how many batches that step has."""
+    start = (step - 1) // accumulate * accumulate + 1
+    size = min(accumulate, steps - start + 1)
+    return step == start, step == start + size - 1, size
 
 
 @dataclass(frozen=True)
@@ -158,59 +179,88 @@ class Resumed:
     checkpoint_at: tuple[int, int] | None  # (epoch, step), None: from the start
 
 
-def broadcast_bytes(hvd: Any, data: bytes, root_rank: int = 0, name: str = "bytes") -> bytes:
-    """``data`` from ``root_rank`` to every rank, as tensors (its length, then its bytes)."""
-    size = torch.tensor([len(data) if hvd.rank() == root_rank else 0], dtype=torch.int64)
-    size = int(hvd.broadcast(size, root_rank, name=f"{name}.size")[0])
-    if size == 0:
-        return b""
-    if hvd.rank() == root_rank:
-        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    else:
-        buffer = torch.zeros(size, dtype=torch.uint8)
-    return bytes(hvd.broadcast(buffer, root_rank, name=f"{name}.data").numpy())
-
-
-def resume(spec: TrainSpec, hvd: Any, trainer: Trainer) -> Resumed:
+def resume(spec: TrainSpec, engine: Engine, trainer: Trainer, steps: int | None = None) -> Resumed:
     """Load the run's checkpoint on rank 0 (if there is one), agree on the position, and give
-    every rank rank 0's model and optimizer state.
+    every rank rank 0's model and optimizer state (:meth:`Engine.load_state`: FSDP ranks each
+    keep their shard of it, whatever the number of ranks that wrote it).
 
-    Nothing is unpickled from the network: rank 0's resume state (optimizer and schedule state,
-    position, history) goes to the other ranks as a tensor of ``torch.save`` bytes that they read
-    with ``torch.load(weights_only=True)`` (tensors and plain values only), and the parameters as
-    tensors (Horovod's ``broadcast_object`` / ``broadcast_optimizer_state`` would unpickle
-    whatever arrives on a Gloo pair).
+    Nothing is unpickled from the network: rank 0's resume state (position, history, schedule;
+    the optimizer's state too, but for FSDP) goes to the other ranks as a tensor of
+    ``torch.save`` bytes that they read with ``torch.load(weights_only=True)`` (tensors and plain
+    values only), and the parameters as tensors (Horovod's ``broadcast_object`` /
+    ``broadcast_optimizer_state`` would unpickle whatever arrives on a Gloo pair).
+
+    A checkpoint written by another number of ranks (an elastic retry: see
+    :func:`rescale_for_ranks`) goes on with this attempt's ranks; ``steps`` is this attempt's
+    steps per epoch.
     """
     payload = b""
-    if hvd.rank() == 0 and spec.checkpoint_dir:
+    ckpt = None
+    if engine.rank() == 0 and spec.checkpoint_dir:
         ckpt = load_checkpoint(spec.checkpoint_dir)
         if ckpt is not None:
-            trainer.model.load_state_dict(ckpt.model)
-            trainer.optimizer.load_state_dict(ckpt.optimizer)
             state = {
-                "optimizer": ckpt.optimizer,
                 "position": dataclasses.asdict(ckpt.position),
                 "history": ckpt.history,
                 "schedule": ckpt.schedule,
+                "size": ckpt.size,
             }
             buffer = io.BytesIO()
             torch.save(state, buffer)
             payload = buffer.getvalue()
-    payload = broadcast_bytes(hvd, payload, name="resume")
-    found = None
-    if payload:
-        state = torch.load(io.BytesIO(payload), weights_only=True)
-        if hvd.rank() != 0:
-            trainer.optimizer.load_state_dict(state["optimizer"])
-        found = (Position(**state["position"]), state["history"], state["schedule"])
-    hvd.broadcast_parameters(trainer.model.state_dict(), root_rank=0)
-    if found is None:
+    payload = broadcast_bytes(engine, payload, name="resume")
+    engine.load_state(
+        trainer.model,
+        trainer.optimizer,
+        ckpt.model if ckpt is not None else None,
+        ckpt.optimizer if ckpt is not None else None,
+    )
+    if not payload:
         return Resumed(Position(), [], None)
-    position, history, schedule_state = found
-    history = [{current(k): v for k, v in epoch.items()} for epoch in history]  # 0.1 names
-    trainer.schedule.load_state_dict(schedule_state)
-    log.info("rank %d resumes at epoch %d, step %d", hvd.rank(), position.epoch, position.step)
+    state = torch.load(io.BytesIO(payload), weights_only=True)
+    position = Position(**state["position"])
+    history = [{current(k): v for k, v in epoch.items()} for epoch in state["history"]]  # 0.1
+    trainer.schedule.load_state_dict(state["schedule"])
+    written_by = state.get("size")
+    if written_by and written_by != engine.size():
+        position = rescale_for_ranks(spec, trainer, position, written_by, engine.size(), steps)
+    log.info("rank %d resumes at epoch %d, step %d", engine.rank(), position.epoch, position.step)
     return Resumed(position, history, (position.epoch, position.step))
+
+
+def rescale_for_ranks(
+    spec: TrainSpec, trainer: Trainer, position: Position, old: int, new: int, steps: int | None
+) -> Position:
+    """A checkpoint of ``old`` ranks resumed by ``new``: the learning rate (and the schedule's
+    base) scaled as ``train.lr_scaling`` scales it for ``new`` ranks, the epoch's steps done
+    counted in ``new`` ranks' steps (the same rows seen, as near as whole steps go: the shards
+    are spread over the ranks anew), a cosine schedule stretched over the steps now left."""
+    cfg = spec.train
+    ratio = scaled_lr(cfg, new) / scaled_lr(cfg, old)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+    schedule: Any = trainer.schedule
+    schedule.base_lrs = [lr * ratio for lr in schedule.base_lrs]
+    k = cfg.accumulate_steps
+    step = round(position.step * old / new / k) * k  # on an optimizer step's boundary
+    if steps is not None:
+        step = min(step, steps)
+        left = optimizer_steps(steps - step, k) + (cfg.epochs - position.epoch - 1) * (
+            optimizer_steps(steps, k)
+        )
+        if hasattr(schedule, "T_max"):
+            schedule.T_max = max(schedule.last_epoch + left, 1)
+    log.warning(
+        "resuming a checkpoint of %d ranks with %d: learning rate ×%.3g, epoch %d at step %d",
+        old,
+        new,
+        ratio,
+        position.epoch + 1,
+        step,
+    )
+    return Position(position.epoch, step, position.global_step)
 
 
 def announce(
@@ -263,11 +313,13 @@ def train_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
     window = _Window(done, loss_sum)
     fault = planned_fault(cfg, spec.attempt, rank)
+    last_checkpoint = global_step
     for step, batch in enumerate(data.train.epoch(epoch), start=1):
         beat(epoch, step)
         if step <= done:
             continue
-        loss_sum += trainer.step(batch)
+        first, last, of = accumulation_group(step, data.steps, cfg.accumulate_steps)
+        loss_sum += trainer.step(batch, first, last, of)
         global_step += 1
         if fault is not None and global_step == fault[1]:
             inject_fault(fault[0], rank, global_step)
@@ -285,7 +337,9 @@ def train_epoch(
                 )
             )
         every = cfg.checkpoint_every_steps
-        if every and global_step % every == 0 and step < data.steps:
+        # Between optimizer steps only, once per multiple of `every` batches passed.
+        if every and last and global_step // every > last_checkpoint // every and step < data.steps:
+            last_checkpoint = global_step
             beat(epoch, step, Phase.CHECKPOINT)
             checkpoint(spec, rank, trainer, history, Position(epoch, step, global_step))
     return EpochRun(loss_sum, data.steps - done, global_step, time.perf_counter() - started)
@@ -298,30 +352,45 @@ def evaluate(
     objective: Objective,
     on_batch: Callable[[int], None] | None = None,
     precision: Precision = FP32,
+    forwards: int | None = None,
+    spare: Callable[[], Any] | None = None,
 ) -> torch.Tensor:
-    """The objective's validation sums over the loader (float64, for one allreduce)."""
+    """The objective's validation sums over the loader (float64, for one allreduce).
+
+    ``forwards``: run that many forward passes in all (FSDP: each is a collective, and every rank
+    must run as many), the ones past this rank's batches on its last batch (or on ``spare()``
+    when it has none), counted nowhere.
+    """
     totals = objective.zeros()
     layout = loader.layout
     model.eval()
+    last, n = None, 0
     with torch.no_grad():
-        for n, batch in enumerate(loader.epoch(0)):
+        for n, batch in enumerate(loader.epoch(0), start=1):
             if on_batch is not None:
-                on_batch(n)
-            batch = batch.to(device)
+                on_batch(n - 1)
+            last = batch.to(device)
             with autocast(device, precision):
-                outputs = model(layout.inputs(batch))
-            objective.accumulate(totals, outputs.float(), batch.label)
+                outputs = model(layout.inputs(last))
+            objective.accumulate(totals, outputs.float(), last.label)
+        for _ in range(n, forwards or 0):
+            if last is None:
+                last = spare().to(device) if spare is not None else None
+            if last is None:
+                raise InputError("no batch to run the padding forward passes of an FSDP rank on")
+            with autocast(device, precision):
+                model(layout.inputs(last))
     return totals
 
 
 def reduce_epoch(
-    hvd: Any, trainer: Trainer, run: EpochRun, validation: torch.Tensor, batch_size: int
+    engine: Engine, trainer: Trainer, run: EpochRun, validation: torch.Tensor, batch_size: int
 ) -> tuple[dict[str, float], list[list[int]] | None]:
     """One allreduce per epoch — [rank mean train loss, the objective's validation sums…] —
     and the epoch's metrics and confusion matrix from it."""
-    size = hvd.size()
+    size = engine.size()
     mean_loss = (run.loss_sum.cpu() / max(run.steps_done, 1)).to(torch.float64).reshape(1)
-    totals = hvd.allreduce(torch.cat([mean_loss, validation]), op=hvd.Sum, name="epoch_totals")
+    totals = engine.allreduce(torch.cat([mean_loss, validation.cpu()]), name="epoch_totals")
     metrics = {
         TRAIN_LOSS: float(totals[0] / size),
         **trainer.objective.metrics(totals[1:]),
@@ -338,17 +407,23 @@ def checkpoint(
     history: list[dict[str, float]],
     position: Position,
 ) -> None:
-    """Rank 0 writes where training stands (the other ranks hold the same state)."""
-    if rank != 0 or not spec.checkpoint_dir:
+    """Rank 0 writes where training stands: the whole state, gathered by the engine (every rank
+    calls this: FSDP gathers the shards)."""
+    if not spec.checkpoint_dir:
+        return
+    model = trainer.engine.model_state(trainer.model)
+    optimizer = trainer.engine.optimizer_state(trainer.model, trainer.optimizer)
+    if rank != 0:
         return
     save_checkpoint(
         spec.checkpoint_dir,
         Checkpoint(
             position=position,
-            model=trainer.model.state_dict(),
-            optimizer=trainer.optimizer.state_dict(),
+            model=model,
+            optimizer=optimizer,
             schedule=trainer.schedule.state_dict(),
             history=list(history),
+            size=trainer.engine.size(),
         ),
     )
 

@@ -1,4 +1,4 @@
-"""What training minimises and validation measures, per task: pure torch, no Horovod.
+"""What training minimises and validation measures, per task: pure torch, no engine.
 
 Validation is additive: each rank fills a float64 vector of sums (:meth:`Objective.accumulate`),
 the ranks add them in one allreduce, and :meth:`Objective.metrics` turns the total into metrics.

@@ -1,4 +1,4 @@
-"""The optimizer and the learning-rate schedule a rank trains with (before Horovod wraps it)."""
+"""The optimizer and the learning-rate schedule a rank trains with (before the engine wraps it)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from lepton_spark.config import TrainConfig
 
 
 def scaled_lr(cfg: TrainConfig, size: int) -> float:
-    """Linear scaling: ``lr`` is for one rank's batch; ``size`` ranks average ``size`` batches."""
-    return cfg.lr * size if cfg.lr_scaling == "linear" else cfg.lr
+    """Linear scaling: ``lr`` is for one rank's batch; a step of ``size`` ranks, each
+    accumulating ``accumulate_steps`` batches, averages ``size × accumulate_steps`` batches."""
+    if cfg.lr_scaling != "linear":
+        return cfg.lr
+    return cfg.lr * size * cfg.accumulate_steps
 
 
 def make_optimizer(cfg: TrainConfig, params: Any, lr: float) -> torch.optim.Optimizer:

@@ -1,8 +1,8 @@
 """The per-rank training function: a plain function, callable with or without Spark.
 
-``train_worker(spec)`` initialises Horovod from the ``HOROVOD_*`` environment (or as a single
-rank when there is none), reads this rank's shards, trains data-parallel with
-``hvd.DistributedOptimizer`` and returns the metrics history (and, on rank 0, the trained weights).
+``train_worker(spec)`` starts the engine ``train.backend`` names (Horovod, DDP or FSDP) from the
+environment the barrier task set (or as a single rank when there is none), reads this rank's
+shards, trains data-parallel and returns the metrics history (and, on rank 0, the trained weights).
 No Spark, no MLflow: progress and metrics leave through the ``report`` callback.
 """
 
@@ -20,6 +20,7 @@ from lepton_spark.events import Phase
 from lepton_spark.shards.loader import ShardLoader
 from lepton_spark.training.checkpoint import Position
 from lepton_spark.training.devices import threads
+from lepton_spark.training.engines import Engine, start_engine
 from lepton_spark.training.heartbeat import Beat, HeartbeatSender, no_beat
 from lepton_spark.training.job import Recorder, Report, TrainResult, TrainSpec, state_bytes
 from lepton_spark.training.kmeans import train_kmeans
@@ -47,26 +48,23 @@ def train_worker(
     beat: Beat | None = None,
     task_cpus: int | None = None,
 ) -> TrainResult:
-    """Train on this rank's shards; every rank must call it (it joins Horovod collectives).
+    """Train on this rank's shards; every rank must call it (it joins the engine's collectives).
 
     ``report`` receives rank 0's events (progress, epoch metrics); ``beat`` (every rank's) is told
     where the rank is at each step, for the driver's stall watch
     (:mod:`lepton_spark.cluster.watchdog`); ``task_cpus``, the CPUs Spark gave the rank's task,
     bounds its torch threads.
     """
-    import horovod.torch as hvd
-
-    # Set before hvd.init(); a value already in the environment (a user's) wins.
-    os.environ.setdefault("HOROVOD_CYCLE_TIME", str(spec.train.horovod_cycle_time_ms))
-    hvd.init()
-    tell_rendezvous_ready(hvd.rank())
+    engine = start_engine(spec.train)
+    if engine.name == "horovod":
+        tell_rendezvous_ready(engine.rank())
     try:
-        recorder = Recorder(report) if hvd.rank() == 0 else None
-        result = _train(spec, hvd, recorder, beat or no_beat, task_cpus)
+        recorder = Recorder(report) if engine.rank() == 0 else None
+        result = _train(spec, engine, recorder, beat or no_beat, task_cpus)
         result.reports = recorder.kept if recorder is not None else []
         return result
     finally:
-        hvd.shutdown()
+        engine.shutdown()
 
 
 def tell_rendezvous_ready(rank: int, timeout_s: float = 10.0) -> None:
@@ -88,16 +86,17 @@ def tell_rendezvous_ready(rank: int, timeout_s: float = 10.0) -> None:
 
 
 def _train(
-    spec: TrainSpec, hvd: Any, report: Report | None, beat: Beat, task_cpus: int | None = None
+    spec: TrainSpec, engine: Engine, report: Report | None, beat: Beat, task_cpus: int | None = None
 ) -> TrainResult:
-    rank, size = hvd.rank(), hvd.size()
-    torch.set_num_threads(threads(spec.train, hvd.local_size(), task_cpus))
-    data = open_data(spec, rank, size, hvd.local_rank(), beat)
+    rank, size = engine.rank(), engine.size()
+    torch.set_num_threads(threads(spec.train, engine.local_size(), task_cpus))
+    data = open_data(spec, rank, size, engine.local_rank(), beat)
     if data.manifest.feature_spec.task == "clustering":
         every_row = _every_row(spec, data, rank, size, beat)
-        return train_kmeans(spec, hvd, report, beat, every_row, data.validation, data.device)
-    trainer = set_up(spec, hvd, data)
-    start = resume(spec, hvd, trainer)
+        return train_kmeans(spec, engine, report, beat, every_row, data.validation, data.device)
+    trainer = set_up(spec, engine, data)
+    start = resume(spec, engine, trainer, data.steps)
+    forwards = _evaluation_forwards(engine, data.validation)
     announce(report, spec, size, data, trainer, start)
     history = list(start.history)
     confusion = None
@@ -112,24 +111,36 @@ def _train(
             trainer.objective,
             on_batch,
             trainer.precision,
+            forwards,
+            spare=lambda: next(iter(data.train.epoch(0))),
         )
         beat(epoch, data.steps, Phase.REDUCING)
-        metrics, confusion = reduce_epoch(hvd, trainer, run, val, spec.train.batch_size)
+        metrics, confusion = reduce_epoch(engine, trainer, run, val, spec.train.batch_size)
         history.append({"epoch": epoch + 1, **metrics})
         beat(epoch, data.steps, Phase.EPOCH_CHECKPOINT)
         position = Position(epoch + 1, 0, run.global_step)
         checkpoint(spec, rank, trainer, history, position)
         report_epoch(report, epoch + 1, metrics)
+    weights = engine.model_state(trainer.model)  # FSDP: gathered from every rank's shard
     return TrainResult(
         rank=rank,
         size=size,
         device=str(data.device),
         steps_per_epoch=data.steps,
         history=history,
-        state_dict=state_bytes(trainer.model.state_dict()) if rank == 0 else None,
+        state_dict=state_bytes(weights) if rank == 0 else None,
         confusion=confusion,
         resumed_from=start.checkpoint_at,
     )
+
+
+def _evaluation_forwards(engine: Engine, validation: ShardLoader) -> int | None:
+    """FSDP: the most validation batches any rank has (each forward pass is a collective, so
+    every rank runs that many); other engines: no such rule."""
+    if not engine.shard_evaluation():
+        return None
+    counts = engine.allgather(torch.tensor([len(validation)], dtype=torch.int64), name="val_n")
+    return int(counts.max())
 
 
 def _every_row(spec: TrainSpec, data: RankData, rank: int, size: int, beat: Beat) -> ShardLoader:

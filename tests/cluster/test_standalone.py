@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 from lepton_spark.cluster.standalone import StandaloneCluster
-from tests.helpers import ROOT, cli_env, run_cli
+from tests.helpers import ROOT, cli_env, run_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +52,18 @@ def wheel(tmp_path_factory) -> Path:
 def submit(
     master: str, wheel: Path, work: Path, *args: str, properties: Path | None = None, env=None
 ) -> subprocess.CompletedProcess:
+    command, environment = submit_command(
+        master, wheel, work, *args, properties=properties, env=env
+    )
+    return subprocess.run(
+        command, cwd=work, env=environment, capture_output=True, text=True, timeout=600
+    )
+
+
+def submit_command(
+    master: str, wheel: Path, work: Path, *args: str, properties: Path | None = None, env=None
+) -> tuple[list[str], dict[str, str]]:
+    """The spark-submit command line of the demo job, and its environment."""
     command = [
         str(BIN / "spark-submit"),
         "--master",
@@ -82,9 +94,7 @@ def submit(
         *args,
     ]
     environment = {**cli_env(), "PATH": f"{BIN}:{cli_env().get('PATH', '')}", **(env or {})}
-    return subprocess.run(
-        command, cwd=work, env=environment, capture_output=True, text=True, timeout=600
-    )
+    return command, environment
 
 
 def first_refusal(master: str, work: Path, timeout_s: float = 60.0) -> str:
@@ -234,3 +244,49 @@ def test_the_pipeline_runs_unchanged_with_authentication_and_encryption(
     finally:
         down = run_cli("cluster", "down", "--folder", str(folder), cwd=tmp_path, timeout=120)
         assert down.returncode == 0, down.stderr[-2000:]
+
+
+def test_a_worker_lost_for_good_is_an_elastic_resume_on_the_ranks_left(
+    tmp_path, wheel, starts_spark
+):
+    """2 FSDP ranks on 2 workers; one worker (its executor and rank with it) is killed for good
+    after a checkpoint: the retry waits for its slot, finds one slot left, and with
+    ``train.min_workers=1`` goes on from the 2 ranks' checkpoint on 1 rank to the end."""
+    with StandaloneCluster(folder=tmp_path / "cluster", workers=2, cores_per_worker=1) as cluster:
+        command, env = submit_command(
+            cluster.master_url,
+            wheel,
+            tmp_path,
+            *("--set", "train.backend=fsdp", "--set", "train.min_workers=1"),
+            *("--set", "train.checkpoint_every_steps=20", "--set", "train.gloo_timeout_s=15"),
+            *("--set", "train.stall_timeout_s=30", "--set", "train.retries=1"),
+        )
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            written = wait_until(
+                lambda: any((tmp_path / "checkpoints").glob("*/checkpoint.pt")), timeout=300
+            )
+            assert written, "no checkpoint was written"
+            os.killpg(cluster.pids[2], signal.SIGKILL)  # worker-1: its group holds its executor
+            printed, _ = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = printed.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    assert "going on with 1 ranks from the checkpoint" in text
+    client, run = finished_run(tmp_path)
+    assert run.data.tags["training.attempts"] == "2"
+    assert run.data.tags["training.ranks"] == "2,1"
+    ranks = client.get_metric_history(run.info.run_id, "train/ranks")
+    assert sorted((m.step, m.value) for m in ranks) == [(0, 2.0), (1, 1.0)]
+    assert float(run.data.metrics["val/accuracy"]) > 0.75
+    losses = [
+        m.value
+        for m in sorted(
+            client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step
+        )
+    ]
+    assert len(losses) == 2 and losses[1] < losses[0]  # on 1 rank, on from the 2 ranks' state

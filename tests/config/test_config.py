@@ -4,7 +4,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from lepton_spark.config import ConfigError, PipelineConfig, load_config, parse_override
+from lepton_spark.config import (
+    ConfigError,
+    PipelineConfig,
+    TrainConfig,
+    load_config,
+    parse_override,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "pipelines" / "tabular_demo.yaml"
@@ -99,6 +105,19 @@ def test_overrides_keep_dotted_spark_conf_keys_whole():
         ),
         ({"model.name": "not a model"}, "unknown model 'not a model'"),
         ({"features.task": "regression"}, "num_classes is for classification"),
+        ({"train.backend": "mpi"}, "train.backend"),
+        (
+            {
+                "features.task": "clustering",
+                "features.label": None,
+                "features.num_classes": None,
+                "features.categorical": [],
+                "model.name": "kmeans",
+                "train.backend": "fsdp",
+            },
+            "train.backend 'fsdp' shards a model's parameters and k-means has none",
+        ),
+        ({"train.min_workers": 3}, "train.min_workers (3) is more than train.num_workers (2)"),
     ],
 )
 def test_model_task_and_feature_mismatches_are_refused_before_any_work(overrides, named):
@@ -114,9 +133,41 @@ def test_every_template_loads():
         "tabular_demo",
         "tabular_logistic",
         "tabular_regression",
+        "text_fsdp",
         "text_transformer",
     ]
     for name in names:
         load_config(ROOT / "pipelines" / f"{name}.yaml")
     with pytest.raises(ConfigError, match=r"baseline\.mllib trains Spark MLlib"):
         load_config(ROOT / "pipelines" / "digits_cnn.yaml", {"baseline.mllib": True})
+
+
+def test_the_fsdp_template_is_a_model_worth_sharding():
+    """pipelines/text_fsdp.yaml: a 20-50 M parameter encoder, trained with fsdp."""
+    from lepton_spark.models import build_model
+    from lepton_spark.spec import FeatureSpec, TextFeature
+
+    cfg = load_config(ROOT / "pipelines" / "text_fsdp.yaml")
+    assert cfg.train.backend == "fsdp"
+    words = [f"w{i}" for i in range(cfg.features.text[0].max_vocabulary)]
+    spec = FeatureSpec(
+        numeric=[],
+        categorical=[],
+        texts=[TextFeature(name="text", vocabulary=words, max_length=40)],
+        label="label",
+        num_classes=4,
+    )
+    model = build_model(cfg.model, spec)
+    parameters = sum(p.numel() for p in model.parameters())
+    assert 20e6 <= parameters <= 50e6, parameters
+
+
+def test_the_engine_fields_at_their_defaults_keep_a_run_keys_fingerprint():
+    """Fields added with the engines leave the fingerprint of a config that does not use them
+    as it was (an unfinished run keyed by 0.2 still resumes); using them makes a new one."""
+    cfg = load_config(ROOT / "pipelines" / "tabular_demo.yaml")
+    fingerprint = cfg.training_fingerprint()
+    for field, value in TrainConfig.ADDED_DEFAULTS.items():
+        assert cfg.with_overrides({f"train.{field}": value}).training_fingerprint() == fingerprint
+    for changed in ({"train.backend": "ddp"}, {"train.accumulate_steps": 2}):
+        assert cfg.with_overrides(changed).training_fingerprint() != fingerprint

@@ -1,4 +1,4 @@
-"""Training is right: the plain per-rank function, and data-parallel equivalence over Horovod."""
+"""Training is right: the plain per-rank function, and data-parallel equivalence on each engine."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lepton_spark.cluster.stage import run_barrier
+from lepton_spark.cluster.stage import BarrierSettings, run_barrier
 from lepton_spark.config import ModelConfig, TrainConfig
 from lepton_spark.events import Event, Start
 from lepton_spark.models import build_model
@@ -73,16 +73,16 @@ def reference_sgd(tables: list[pa.Table], batch: int, steps: int, lr: float) -> 
 
 
 def sgd_config(**kw) -> TrainConfig:
-    return TrainConfig(
-        optimizer="sgd",
-        lr=0.05,
-        batch_size=32,
-        epochs=1,
-        shuffle=False,
-        seed=11,
-        threads_per_rank=1,
-        **kw,
-    )
+    settings = {
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "batch_size": 32,
+        "epochs": 1,
+        "shuffle": False,
+        "seed": 11,
+        "threads_per_rank": 1,
+    }
+    return TrainConfig(**{**settings, **kw})
 
 
 def test_train_worker_is_a_plain_function_that_matches_plain_torch(tmp_path, horovod):
@@ -100,15 +100,21 @@ def test_train_worker_is_a_plain_function_that_matches_plain_torch(tmp_path, hor
     assert 0.0 <= result.history[0]["val/accuracy"] <= 1.0
 
 
-def test_two_horovod_ranks_equal_one_process_on_the_global_batch(spark, tmp_path, horovod):
+@pytest.mark.parametrize("backend", ["horovod", "ddp"])
+def test_two_ranks_equal_one_process_on_the_global_batch(spark, tmp_path, request, backend):
     """2 ranks × batch b with lr scaled ×2 == 1 process × batch 2b, after k SGD steps."""
+    if backend == "horovod":
+        request.getfixturevalue("horovod")
     rng = np.random.default_rng(1)
     k, b = 6, 32
     halves = [flat_table(rng, k * b), flat_table(rng, k * b)]  # shard 0 → rank 0, 1 → rank 1
     folder = make_shards(tmp_path / "shards", halves, [flat_table(rng, 40), flat_table(rng, 40)])
-    cfg = sgd_config()
+    cfg = sgd_config(backend=backend)
     results = run_barrier(
-        spark, functools.partial(train_rank, TrainSpec(str(folder), cfg, MODEL)), 2
+        spark,
+        functools.partial(train_rank, TrainSpec(str(folder), cfg, MODEL)),
+        2,
+        settings=BarrierSettings(engine=backend),
     )
     assert [r.rank for r in results] == [0, 1]
     assert results[0].steps_per_epoch == k
@@ -123,6 +129,147 @@ def test_two_horovod_ranks_equal_one_process_on_the_global_batch(spark, tmp_path
     # Metrics are averaged across ranks: both ranks report the same numbers.
     for key in ("train/loss", "val/loss", "val/accuracy"):
         assert results[0].history[0][key] == pytest.approx(results[1].history[0][key], abs=1e-9)
+
+
+def test_fsdp_ranks_hold_half_the_model_and_train_it_as_ddp_does(spark, tmp_path):
+    """The same seeded model, data and AdamW steps: 2 FSDP ranks (each holding its half of the
+    parameters and optimizer state) end where 2 DDP ranks do; and the validation metrics agree,
+    with one rank given fewer validation rows (FSDP's forward passes are collectives)."""
+    rng = np.random.default_rng(5)
+    k, b = 5, 32
+    halves = [flat_table(rng, k * b), flat_table(rng, k * b)]
+    folder = make_shards(tmp_path / "shards", halves, [flat_table(rng, 4100), flat_table(rng, 20)])
+    model = ModelConfig(hidden=[64, 32], embedding_dim=4)
+    trained = {}
+    for backend in ("ddp", "fsdp"):
+        cfg = sgd_config(backend=backend, optimizer="adamw", lr=0.01)
+        spec = TrainSpec(str(folder), cfg, model)
+        trained[backend] = run_barrier(
+            spark,
+            functools.partial(train_rank, spec),
+            2,
+            settings=BarrierSettings(engine=backend),
+        )
+    ddp, fsdp = (trained[b][0].load_state_dict() for b in ("ddp", "fsdp"))
+    untrained = build_model(model, SPEC, seed=11).state_dict()
+    assert set(ddp) == set(fsdp) == set(untrained)
+    for name, value in ddp.items():
+        assert not torch.allclose(value, untrained[name]), f"{name} did not train"
+        torch.testing.assert_close(fsdp[name], value, atol=1e-4, rtol=0)
+    for key in ("train/loss", "val/loss", "val/accuracy"):
+        got = [trained[b][0].history[0][key] for b in ("ddp", "fsdp")]
+        assert got[0] == pytest.approx(got[1], abs=1e-4), key
+
+
+@pytest.mark.parametrize("backend", ["horovod", "ddp", "fsdp"])
+def test_accumulating_four_batches_on_two_ranks_equals_one_process_on_a_4x_batch(
+    spark, tmp_path, request, backend
+):
+    """``accumulate_steps=4``: 2 ranks × 4 batches of b per step (lr × 2 ranks × 4) == one
+    process with batches of 2 × 4b; the last step of the epoch has 2 batches only."""
+    if backend == "horovod":
+        request.getfixturevalue("horovod")
+    rng = np.random.default_rng(6)
+    b, batches = 16, 10  # optimizer steps of 4, 4 and 2 batches
+    halves = [flat_table(rng, batches * b), flat_table(rng, batches * b)]
+    folder = make_shards(tmp_path / "shards", halves, [flat_table(rng, 40), flat_table(rng, 40)])
+    cfg = sgd_config(backend=backend, batch_size=b, accumulate_steps=4)
+    results = run_barrier(
+        spark,
+        functools.partial(train_rank, TrainSpec(str(folder), cfg, MODEL)),
+        2,
+        settings=BarrierSettings(engine=backend),
+    )
+    got = results[0].load_state_dict()
+    expected = reference_steps(halves, [4 * b, 4 * b, 2 * b], lr=2 * 4 * cfg.lr)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=0)
+
+
+def reference_steps(tables: list[pa.Table], batches: list[int], lr: float) -> dict:
+    """One process: step i takes the next ``batches[i]`` rows of every table at once, its loss
+    the mean over the step's batches of b rows each (as accumulation averages them)."""
+    model = build_model(MODEL, SPEC, seed=11)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    start = 0
+    for rows in batches:
+        parts = [t.slice(start, rows) for t in tables]
+        numeric = torch.cat(
+            [torch.from_numpy(np.stack([p[c].to_numpy() for c in SPEC.numeric], 1)) for p in parts]
+        )
+        categorical = torch.cat([torch.from_numpy(p["k"].to_numpy().reshape(-1, 1)) for p in parts])
+        label = torch.cat([torch.from_numpy(p["y"].to_numpy()) for p in parts])
+        opt.zero_grad()
+        out = model({"numeric": numeric, "categorical": categorical})
+        F.cross_entropy(out, label).backward()
+        opt.step()
+        start += rows
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("backend", ["horovod", "ddp"])
+def test_fp16_gradients_train_as_fp32_ones_do_within_their_rounding(
+    spark, tmp_path, request, backend
+):
+    if backend == "horovod":
+        request.getfixturevalue("horovod")
+    rng = np.random.default_rng(7)
+    k, b = 6, 32
+    halves = [flat_table(rng, k * b), flat_table(rng, k * b)]
+    folder = make_shards(tmp_path / "shards", halves, [flat_table(rng, 40), flat_table(rng, 40)])
+    cfg = sgd_config(backend=backend, compression="fp16")
+    results = run_barrier(
+        spark,
+        functools.partial(train_rank, TrainSpec(str(folder), cfg, MODEL)),
+        2,
+        settings=BarrierSettings(engine=backend),
+    )
+    got = results[0].load_state_dict()
+    expected = reference_sgd(halves, batch=b, steps=k, lr=2 * cfg.lr)
+    diffs = [float((got[n] - v).abs().max()) for n, v in expected.items()]
+    assert max(diffs) < 2e-3  # fp16 keeps 11 bits of each gradient
+    assert max(diffs) > 0.0  # ... and the gradients did travel in fp16
+
+
+def held_by_rank(cfg: TrainConfig, ctx) -> tuple[int, int, int]:
+    """In one rank: the model's parameters, those this rank holds, its optimizer state's."""
+    from lepton_spark.training.engines import start_engine
+    from lepton_spark.training.optim import make_optimizer
+
+    engine = start_engine(cfg)
+    try:
+        model = build_model(ModelConfig(hidden=[256, 256]), SPEC, seed=0)
+        total = sum(p.numel() for p in model.parameters())
+        model, optimizer = engine.wrap(model, lambda ps: make_optimizer(cfg, ps, 0.01), cpu)
+        local = [getattr(p, "to_local", lambda p=p: p)() for p in model.parameters()]
+        for p, here in zip(model.parameters(), local, strict=True):
+            p.grad = torch.ones_like(p)  # a step makes AdamW's state
+            assert here.numel() <= p.numel()
+        optimizer.step()
+        state = sum(
+            getattr(v, "to_local", lambda v=v: v)().numel()
+            for s in optimizer.state.values()
+            for v in s.values()
+            if torch.is_tensor(v) and v.dim() > 0
+        )
+        return total, sum(t.numel() for t in local), state
+    finally:
+        engine.shutdown()
+
+
+cpu = torch.device("cpu")
+
+
+def test_each_fsdp_rank_holds_about_half_the_parameters_and_optimizer_state(spark):
+    cfg = sgd_config(backend="fsdp", optimizer="adamw")
+    results = run_barrier(
+        spark, functools.partial(held_by_rank, cfg), 2, settings=BarrierSettings(engine="fsdp")
+    )
+    (total, held0, state0), (_, held1, state1) = results
+    assert held0 + held1 == total  # every parameter on exactly one rank
+    assert max(held0, held1) <= 0.55 * total
+    assert state0 + state1 == 2 * total  # AdamW's two moments, sharded the same way
+    assert max(state0, state1) <= 0.55 * 2 * total
 
 
 def test_unequal_shards_give_every_rank_the_same_number_of_steps(spark, tmp_path, horovod):

@@ -1,0 +1,166 @@
+"""The engines side by side: DDP and FSDP against Horovod, 2 ranks, one torch thread each.
+
+1. **Throughput**, the demo MLP on synthetic shards through the whole rank loop
+   (``train_rank`` in a real barrier stage on ``local[2]``): rank 0's ``train/samples_per_second``,
+   medians over rounds, engines alternating. Goal: ``ddp`` ≥ 0.95× Horovod.
+2. **Memory per rank**, the Transformer of ``pipelines/text_fsdp.yaml`` (about 22 M parameters)
+   trained a few AdamW steps on random tokens with ``ddp`` and with ``fsdp``: the bytes of
+   parameters, gradients and optimizer state each rank holds, and each rank's peak RSS growth
+   over its RSS before the model was built. Goal: ``fsdp`` ≤ 0.65× ``ddp``. Its step time too.
+
+    python -m benchmarks.engines            # writes results/engines.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from benchmarks._common import DEMO_MODEL, SPEC, WORK, committed, median, report, synthetic_table
+from lepton_spark.cluster.stage import BarrierSettings, run_barrier
+from lepton_spark.config import SparkConfig, TrainConfig, load_config
+from lepton_spark.data.session import spark_session
+from lepton_spark.shards.local import write_local_shards
+from lepton_spark.training.job import TrainSpec
+from lepton_spark.training.worker import train_rank
+
+ENGINES = ("horovod", "ddp", "fsdp")
+TEXT_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "text_fsdp.yaml"
+
+
+def throughput(spark: Any, folder: str, backend: str, batch: int) -> float:
+    cfg = TrainConfig(
+        backend=backend,
+        epochs=1,
+        batch_size=batch,
+        threads_per_rank=1,
+        progress_every_steps=100_000,
+    )
+    spec = TrainSpec(shard_folder=folder, train=cfg, model=DEMO_MODEL, verify_shards=False)
+    results = run_barrier(
+        spark, functools.partial(train_rank, spec), 2, settings=BarrierSettings(engine=backend)
+    )
+    return float(results[0].history[0]["train/samples_per_second"])
+
+
+def transformer_rank(backend: str, steps: int, batch: int, ctx: Any) -> dict[str, float]:
+    """In one rank: a few AdamW steps of the text_fsdp Transformer; its memory and step time."""
+    from lepton_spark.models import build_model
+    from lepton_spark.spec import FeatureSpec, TextFeature
+    from lepton_spark.training.engines import start_engine
+    from lepton_spark.training.optim import make_optimizer
+
+    torch.set_num_threads(1)
+    pipeline = load_config(TEXT_PIPELINE)
+    cfg = pipeline.train.model_copy(update={"backend": backend})
+    engine = start_engine(cfg)
+    try:
+        text = pipeline.features.text[0]
+        words = [f"w{i}" for i in range(text.max_vocabulary)]
+        spec = FeatureSpec(
+            numeric=[],
+            categorical=[],
+            texts=[TextFeature(name=text.name, vocabulary=words, max_length=text.max_length)],
+            label="label",
+            num_classes=4,
+        )
+        before = psutil.Process().memory_info().rss
+        model = build_model(pipeline.model, spec, seed=0)
+        cpu = torch.device("cpu")
+        model, optimizer = engine.wrap(model, lambda ps: make_optimizer(cfg, ps, 1e-4), cpu)
+        generator = torch.Generator().manual_seed(engine.rank())
+        times = []
+        for _ in range(steps):
+            ids = torch.randint(2, len(words) + 2, (batch, text.max_length), generator=generator)
+            labels = torch.randint(0, 4, (batch,), generator=generator)
+            started = time.perf_counter()
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model({text.name: ids}), labels)
+            engine.step(loss, optimizer, None)
+            times.append(time.perf_counter() - started)
+        held = sum(_local(p).numel() * p.element_size() for p in model.parameters())
+        grads = sum(_local(p.grad).numel() * 4 for p in model.parameters() if p.grad is not None)
+        state = sum(
+            _local(v).numel() * v.element_size()
+            for s in optimizer.state.values()
+            for v in s.values()
+            if torch.is_tensor(v) and v.dim() > 0
+        )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {
+            "state_bytes": float(held + grads + state),
+            "peak_rss_growth_bytes": float(peak - before),
+            "step_seconds": median(times[1:]),
+        }
+    finally:
+        engine.shutdown()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (maybe sharded, DTensor) tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def memory(spark: Any, backend: str, steps: int, batch: int) -> dict[str, float]:
+    fn = functools.partial(transformer_rank, backend, steps, batch)
+    ranks = run_barrier(spark, fn, 2, settings=BarrierSettings(engine=backend))
+    return {key: max(r[key] for r in ranks) for key in ranks[0]}  # the heavier rank
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--text-steps", type=int, default=6)
+    parser.add_argument("--text-batch", type=int, default=16)
+    args = parser.parse_args()
+
+    folder = WORK / "bench" / f"engines-{args.rows}"
+    if committed(folder) is None:
+        half = args.rows // 2
+        train = [synthetic_table(half, 1), synthetic_table(half, 2)]
+        validation = [synthetic_table(2_048, 3), synthetic_table(2_048, 4)]
+        write_local_shards(folder, {"train": train, "validation": validation}, SPEC)
+    spark = spark_session(SparkConfig(master="local[2]"), app_name="lepton-spark engines")
+    rates: dict[str, list[float]] = {e: [] for e in ENGINES}
+    for _ in range(args.rounds):
+        for backend in ENGINES:
+            rates[backend].append(throughput(spark, str(folder), backend, args.batch))
+            print(f"{backend}: {rates[backend][-1]:,.0f} samples/s", flush=True)
+    sizes = {b: memory(spark, b, args.text_steps, args.text_batch) for b in ("ddp", "fsdp")}
+    for backend, figures in sizes.items():
+        print(f"{backend} transformer: {figures}", flush=True)
+    spark.stop()
+    horovod = median(rates["horovod"])
+    report(
+        "engines",
+        {
+            "ddp_over_horovod_throughput": median(rates["ddp"]) / horovod,
+            "fsdp_over_horovod_throughput": median(rates["fsdp"]) / horovod,
+            "fsdp_over_ddp_state_bytes": sizes["fsdp"]["state_bytes"] / sizes["ddp"]["state_bytes"],
+            "fsdp_over_ddp_peak_rss_growth": sizes["fsdp"]["peak_rss_growth_bytes"]
+            / sizes["ddp"]["peak_rss_growth_bytes"],
+            "fsdp_over_ddp_step_seconds": sizes["fsdp"]["step_seconds"]
+            / sizes["ddp"]["step_seconds"],
+        },
+        {
+            "rows": args.rows,
+            "batch": args.batch,
+            "samples_per_second": rates,
+            "transformer": sizes,
+            "text_steps": args.text_steps,
+            "text_batch": args.text_batch,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
