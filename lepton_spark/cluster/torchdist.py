@@ -1,9 +1,10 @@
 """torch.distributed's part of the barrier stage (``train.backend`` ``ddp`` or ``fsdp``).
 
-Rank 0's task reserves a port on its executor's own address, and every rank's child process gets
-:func:`torch_env`: ``init_process_group(init_method="env://")`` reads it, rank 0's process
-serves the ``TCPStore`` there, and gloo (CPU) or NCCL (GPU) bind to the interface that address
-is on. torch's store authenticates nothing: see ``docs/security.md``.
+Rank 0's task finds a port free on its executor's own address, and every rank's child process
+gets :func:`torch_env`: ``init_process_group(init_method="env://")`` reads it, rank 0's process
+serves the ``TCPStore`` on that port (torch listens on every interface of the host), and gloo
+(CPU) or NCCL (GPU) bind to the interface that address is on. torch's store authenticates
+nothing: see ``docs/security.md``.
 """
 
 from __future__ import annotations

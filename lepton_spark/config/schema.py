@@ -319,7 +319,8 @@ class TrainConfig(_Frozen):
     checkpoint_root: str = ".lepton/checkpoints"
     """A path or ``pyarrow.fs`` URI; one folder per MLflow run."""
     checkpoint_every_steps: int | None = Field(None, gt=0)
-    """Also checkpoint every N steps (always at each epoch's end)."""
+    """Also checkpoint every N steps (always at each epoch's end; with ``accumulate_steps``, at
+    the first optimizer step that ends past each multiple of N)."""
     retries: int = Field(2, ge=0)
     """Times a failed training stage is run again, from the checkpoint."""
     min_workers: int | None = Field(None, gt=0)
@@ -378,13 +379,6 @@ class TrainConfig(_Frozen):
             raise ValueError(
                 "train.compression 'bf16' needs train.backend 'ddp': Horovod compresses to "
                 "fp16 only"
-            )
-        every = self.checkpoint_every_steps
-        if every and every % self.accumulate_steps:
-            raise ValueError(
-                f"train.checkpoint_every_steps ({every}) must be a multiple of "
-                f"train.accumulate_steps ({self.accumulate_steps}): checkpoints fall between "
-                "optimizer steps"
             )
         return self
 

@@ -101,7 +101,7 @@ class Engine:
 
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The whole model's state dict, on rank 0 (collective: every rank calls it)."""
-        return dict(_inner(model).state_dict())
+        return _inner(model).state_dict()
 
     def optimizer_state(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
         """The optimizer's whole state, on rank 0 (collective: every rank calls it)."""
@@ -139,7 +139,14 @@ class Engine:
         """Whether every forward pass is a collective (FSDP): the ranks must then run as many."""
         return False
 
-    def shutdown(self) -> None:
+    def evaluated(self, model: nn.Module) -> nn.Module:
+        """The module validation runs: DDP's inner one (its forward would sync buffers, a
+        collective, and ranks run different numbers of validation batches)."""
+        return _inner(model)
+
+    def shutdown(self, clean: bool = True) -> None:
+        """Leave the engine; ``clean``: every rank got here without an error (a failing rank
+        must not wait in a collective its peers never join)."""
         raise NotImplementedError
 
 
@@ -203,7 +210,7 @@ class HorovodEngine(Engine):
     def broadcast_parameters(self, state: dict[str, torch.Tensor]) -> None:
         self.hvd.broadcast_parameters(state, root_rank=0)
 
-    def shutdown(self) -> None:
+    def shutdown(self, clean: bool = True) -> None:
         self.hvd.shutdown()
 
 
@@ -222,7 +229,10 @@ class TorchEngine(Engine):
         self._local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.device = choose_device(cfg.device, self._local_rank)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=cfg.gloo_timeout_s)
+        # torch bounds every collective by it, not only the rendezvous: a rank checksumming its
+        # shards or rank 0 writing a checkpoint may keep the others waiting that long (the
+        # stall watch bounds a real hang).
+        timeout = datetime.timedelta(seconds=max(cfg.gloo_timeout_s, cfg.stall_timeout_s))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if "MASTER_ADDR" in os.environ:
@@ -344,9 +354,13 @@ class TorchEngine(Engine):
     def shard_evaluation(self) -> bool:
         return self.sharded
 
-    def shutdown(self) -> None:
+    def evaluated(self, model: nn.Module) -> nn.Module:
+        return model if self.sharded else _inner(model)  # FSDP: every forward is collective
+
+    def shutdown(self, clean: bool = True) -> None:
         if self.dist.is_initialized():
-            self.dist.barrier()  # no rank leaves while another still talks to it
+            if clean:
+                self.dist.barrier()  # no rank leaves while another still talks to it
             self.dist.destroy_process_group()
 
 
@@ -382,7 +396,8 @@ def _check_stage(backend: str) -> None:
         stage = "horovod" if horovod else "torch.distributed"
         raise InputError(
             f"train.backend is {backend!r} but the barrier stage set this rank up for {stage}: "
-            "run the stage with BarrierSettings(engine=train.backend)"
+            "the stage must be started for train.backend (run_pipeline does; a stage of your "
+            "own passes BarrierSettings(engine=...))"
         )
 
 

@@ -8,6 +8,7 @@ module imports none.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -118,16 +119,17 @@ class Trainer:
         batch = batch.to(self.device)
         if first:
             self.optimizer.zero_grad()
-        with autocast(self.device, self.precision):
-            outputs = self.model(self.layout.inputs(batch))
-        loss = self.objective.loss(outputs.float(), batch.label, batch.weight)
-        scaled = loss / of if of > 1 else loss
+        # DDP decides in the forward pass whether the backward syncs: both go inside.
+        with contextlib.nullcontext() if last else self.engine.accumulating(self.model):
+            with autocast(self.device, self.precision):
+                outputs = self.model(self.layout.inputs(batch))
+            loss = self.objective.loss(outputs.float(), batch.label, batch.weight)
+            scaled = loss / of if of > 1 else loss
+            if not last:
+                self.engine.backward(scaled, self.scaler)
         if last:
             self.engine.step(scaled, self.optimizer, self.scaler)
             self.schedule.step()
-        else:
-            with self.engine.accumulating(self.model):
-                self.engine.backward(scaled, self.scaler)
         return loss.detach()
 
 

@@ -58,13 +58,15 @@ def train_worker(
     engine = start_engine(spec.train)
     if engine.name == "horovod":
         tell_rendezvous_ready(engine.rank())
+    clean = False
     try:
         recorder = Recorder(report) if engine.rank() == 0 else None
         result = _train(spec, engine, recorder, beat or no_beat, task_cpus)
         result.reports = recorder.kept if recorder is not None else []
+        clean = True
         return result
     finally:
-        engine.shutdown()
+        engine.shutdown(clean)
 
 
 def tell_rendezvous_ready(rank: int, timeout_s: float = 10.0) -> None:
@@ -105,7 +107,7 @@ def _train(
         run = train_epoch(spec, rank, size, data, trainer, position, history, report, beat)
         on_batch = functools.partial(beat, epoch, data.steps, Phase.EVALUATING)
         val = evaluate(
-            trainer.model,
+            engine.evaluated(trainer.model),
             data.validation,
             data.device,
             trainer.objective,

@@ -118,6 +118,11 @@ def test_overrides_keep_dotted_spark_conf_keys_whole():
             "train.backend 'fsdp' shards a model's parameters and k-means has none",
         ),
         ({"train.min_workers": 3}, "train.min_workers (3) is more than train.num_workers (2)"),
+        (
+            {"train.backend": "fsdp", "train.compression": "fp16"},
+            "train.compression does not apply to train.backend 'fsdp'",
+        ),
+        ({"train.compression": "bf16"}, "Horovod compresses to fp16 only"),
     ],
 )
 def test_model_task_and_feature_mismatches_are_refused_before_any_work(overrides, named):
