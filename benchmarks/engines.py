@@ -23,11 +23,11 @@ from typing import Any
 import psutil
 import torch
 
-from benchmarks._common import DEMO_MODEL, SPEC, WORK, committed, median, report, synthetic_table
+from benchmarks._common import DEMO_MODEL, median, report
+from benchmarks.scaling import shards
 from lepton_spark.cluster.stage import BarrierSettings, run_barrier
 from lepton_spark.config import SparkConfig, TrainConfig, load_config
 from lepton_spark.data.session import spark_session
-from lepton_spark.shards.local import write_local_shards
 from lepton_spark.training.job import TrainSpec
 from lepton_spark.training.worker import train_rank
 
@@ -123,17 +123,12 @@ def main() -> None:
     parser.add_argument("--text-batch", type=int, default=16)
     args = parser.parse_args()
 
-    folder = WORK / "bench" / f"engines-{args.rows}"
-    if committed(folder) is None:
-        half = args.rows // 2
-        train = [synthetic_table(half, 1), synthetic_table(half, 2)]
-        validation = [synthetic_table(2_048, 3), synthetic_table(2_048, 4)]
-        write_local_shards(folder, {"train": train, "validation": validation}, SPEC)
+    folder = shards(args.rows)  # the scaling benchmark's: 2 training shards, a validation split
     spark = spark_session(SparkConfig(master="local[2]"), app_name="lepton-spark engines")
     rates: dict[str, list[float]] = {e: [] for e in ENGINES}
     for _ in range(args.rounds):
         for backend in ENGINES:
-            rates[backend].append(throughput(spark, str(folder), backend, args.batch))
+            rates[backend].append(throughput(spark, folder, backend, args.batch))
             print(f"{backend}: {rates[backend][-1]:,.0f} samples/s", flush=True)
     sizes = {b: memory(spark, b, args.text_steps, args.text_batch) for b in ("ddp", "fsdp")}
     for backend, figures in sizes.items():

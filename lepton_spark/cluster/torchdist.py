@@ -23,7 +23,7 @@ def reserve_port(host: str) -> int:
 
 def torch_env(slot: Slot, master: tuple[str, int], iface: str) -> dict[str, str]:
     """A rank's torch.distributed environment: its place in the stage, rank 0's store, and
-    the interface for gloo and NCCL (the timeout is ``train.gloo_timeout_s``)."""
+    the interface for gloo and NCCL (the timeout comes from the rank's train config)."""
     return {
         "RANK": str(slot.rank),
         "WORLD_SIZE": str(slot.size),

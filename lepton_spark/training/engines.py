@@ -215,14 +215,15 @@ class HorovodEngine(Engine):
 
 
 class TorchEngine(Engine):
-    """``torch.distributed``: gloo on the CPU, NCCL on GPUs; DDP, or FSDP2 with ``sharded``."""
+    """``torch.distributed`` (gloo on the CPU, NCCL on GPUs) with DDP; :class:`FsdpEngine`
+    shards the model instead."""
 
-    def __init__(self, cfg: TrainConfig, sharded: bool) -> None:
+    name = "ddp"
+
+    def __init__(self, cfg: TrainConfig) -> None:
         import torch.distributed as dist
 
         self.dist = dist
-        self.sharded = sharded
-        self.name = "fsdp" if sharded else "ddp"
         self.mixed_precision = cfg.mixed_precision
         self.compression = cfg.compression
         self._local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -285,30 +286,47 @@ class TorchEngine(Engine):
     def wrap(
         self, model: nn.Module, make_optimizer: MakeOptimizer, device: torch.device
     ) -> tuple[nn.Module, Any]:
-        model = model.to(device)
-        if self.sharded:
-            model = _fully_shard(model, self.mixed_precision)
-        else:
-            from torch.nn.parallel import DistributedDataParallel
+        from torch.nn.parallel import DistributedDataParallel
 
-            ids = [device.index] if device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids)
-            if self.compression != "none":
-                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(model.to(device), device_ids=ids)
+        if self.compression != "none":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-                hook = {
-                    "fp16": default_hooks.fp16_compress_hook,
-                    "bf16": default_hooks.bf16_compress_hook,
-                }
-                model.register_comm_hook(None, hook[self.compression])
+            hook = {
+                "fp16": default_hooks.fp16_compress_hook,
+                "bf16": default_hooks.bf16_compress_hook,
+            }
+            model.register_comm_hook(None, hook[self.compression])
         return model, make_optimizer(model.parameters())
 
     @contextlib.contextmanager
     def accumulating(self, model: nn.Module) -> Iterator[None]:
-        if not self.sharded:
-            with model.no_sync():  # type: ignore[operator]
-                yield
-            return
+        with model.no_sync():  # type: ignore[operator]
+            yield
+
+    def shutdown(self, clean: bool = True) -> None:
+        if self.dist.is_initialized():
+            if clean:
+                self.dist.barrier()  # no rank leaves while another still talks to it
+            self.dist.destroy_process_group()
+
+
+class FsdpEngine(TorchEngine):
+    """``torch.distributed`` with FSDP2: each rank holds 1/N of the parameters, gradients and
+    optimizer state; the whole state is gathered for rank 0 and spread back as full state
+    dicts."""
+
+    name = "fsdp"
+
+    def wrap(
+        self, model: nn.Module, make_optimizer: MakeOptimizer, device: torch.device
+    ) -> tuple[nn.Module, Any]:
+        model = _fully_shard(model.to(device), self.mixed_precision)
+        return model, make_optimizer(model.parameters())
+
+    @contextlib.contextmanager
+    def accumulating(self, model: nn.Module) -> Iterator[None]:
         model.set_requires_gradient_sync(False)  # type: ignore[operator]
         try:
             yield
@@ -316,15 +334,11 @@ class TorchEngine(Engine):
             model.set_requires_gradient_sync(True)  # type: ignore[operator]
 
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        if not self.sharded:
-            return super().model_state(model)
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return get_model_state_dict(model, options=_full())
 
     def optimizer_state(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
-        if not self.sharded:
-            return super().optimizer_state(model, optimizer)
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, optimizer, options=_full())
@@ -336,9 +350,6 @@ class TorchEngine(Engine):
         model_state: dict[str, torch.Tensor] | None,
         optimizer_state: dict[str, Any] | None,
     ) -> None:
-        if not self.sharded:
-            super().load_state(model, optimizer, model_state, optimizer_state)
-            return
         from torch.distributed.checkpoint.state_dict import (
             set_model_state_dict,
             set_optimizer_state_dict,
@@ -352,16 +363,10 @@ class TorchEngine(Engine):
         set_optimizer_state_dict(model, optimizer, optimizer_state or {}, options=options)
 
     def shard_evaluation(self) -> bool:
-        return self.sharded
+        return True
 
     def evaluated(self, model: nn.Module) -> nn.Module:
-        return model if self.sharded else _inner(model)  # FSDP: every forward is collective
-
-    def shutdown(self, clean: bool = True) -> None:
-        if self.dist.is_initialized():
-            if clean:
-                self.dist.barrier()  # no rank leaves while another still talks to it
-            self.dist.destroy_process_group()
+        return model  # every forward is a collective: the wrapped model on every rank
 
 
 def start_engine(cfg: TrainConfig) -> Engine:
@@ -380,8 +385,10 @@ def start_engine(cfg: TrainConfig) -> Engine:
         os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cfg.horovod_cycle_time_ms))
         hvd.init()
         return HorovodEngine(hvd, cfg)
-    if cfg.backend in ("ddp", "fsdp"):
-        return TorchEngine(cfg, sharded=cfg.backend == "fsdp")
+    if cfg.backend == "ddp":
+        return TorchEngine(cfg)
+    if cfg.backend == "fsdp":
+        return FsdpEngine(cfg)
     raise InputError(f"train.backend {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
 
 

@@ -20,16 +20,9 @@ from lepton_spark.serving import network_file
 from lepton_spark.serving.compression import compress
 from lepton_spark.serving.pyfunc import log_model, pip_requirements
 from lepton_spark.serving.scorer import Scorer, load_scorer
-from lepton_spark.spec import CategoricalFeature, FeatureSpec, Standardization
 from tests.helpers import ROOT
+from tests.serving.test_batch import SPEC
 
-SPEC = FeatureSpec(
-    numeric=["x", "y"],
-    categorical=[CategoricalFeature(name="c", vocabulary=["p", "q", "r"])],
-    label="label",
-    num_classes=3,
-    standardize={"x": Standardization(mean=1.0, std=2.0)},
-)
 MODEL = ModelConfig(hidden=[16, 8], embedding_dim=3)
 EXAMPLE = pd.DataFrame({"x": [0.5, 1.0, -3.0], "y": [2.0, -1.0, 0.0], "c": ["p", "zz", None]})
 
