@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from pyspark.errors import AnalysisException
@@ -22,8 +23,9 @@ from pyspark.sql import functions as F
 from lepton_spark import __version__
 from lepton_spark.config import PipelineConfig, SourceConfig
 from lepton_spark.errors import DataError
+from lepton_spark.names import INPUT_VIEW_PREFIX
 from lepton_spark.shards.manifest import FORMAT_VERSION
-from lepton_spark.sparkinfo import Session
+from lepton_spark.sparkinfo import Session, is_connect
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +74,67 @@ def _is_temporary(spark: Session, table: str) -> bool:
         return False
 
 
+def _children(message: Any) -> Iterator[Any]:
+    """The messages directly inside a protobuf message (fields, lists and map values)."""
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            if field.message_type.fields_by_name["value"].message_type is not None:
+                yield from value.values()
+        elif field.is_repeated:
+            yield from value
+        else:
+            yield value
+
+
+def _clear_plan_ids(message: Any) -> None:
+    """Clear what differs between two sends of the same Connect plan: per-client plan ids and
+    call-site origins (the ``common`` field of relations and expressions)."""
+    if any(field.name == "common" for field, _ in message.ListFields()):
+        message.ClearField("common")
+    for child in _children(message):
+        _clear_plan_ids(child)
+
+
+def _named_tables(message: Any, found: set[str]) -> set[str]:
+    """The tables and views a Connect plan reads by name."""
+    for field, value in message.ListFields():
+        if field.name == "named_table" and hasattr(value, "unparsed_identifier"):
+            found.add(value.unparsed_identifier)
+    for child in _children(message):
+        _named_tables(child, found)
+    return found
+
+
+def plan_identity(df: DataFrame) -> int | str:
+    """The DataFrame's query, the same for the same query.
+
+    Classic Spark: the analyzed plan's ``semanticHash``. Spark Connect: the client's plan
+    (without plan ids) and the ``semanticHash`` of each table or view it reads by name. The
+    server's own hash of a whole Connect plan is not stable: the server plans it again on every
+    call, and Spark ML's Connect transformers (``SQLTransformer``, ``StringIndexer``) make a new
+    temporary view name and a new UDF each time. A view this package registered
+    (``TorchEstimator.fit``'s) is named by its DataFrame's identity already.
+    """
+    session = df.sparkSession
+    if not is_connect(session):
+        return int(df.semanticHash())
+    plan = df._plan.to_proto(session.client)  # type: ignore[attr-defined]
+    _clear_plan_ids(plan)
+    names = sorted(_named_tables(plan, set()))
+    tables = {
+        name: int(session.table(name).semanticHash())
+        for name in names
+        if not name.startswith(INPUT_VIEW_PREFIX)
+    }
+    payload = plan.SerializeToString(deterministic=True) + json.dumps(tables).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
 def frame_state(df: DataFrame) -> dict[str, Any]:
-    """A DataFrame as it is now: its plan (``semanticHash``: the same query, the same hash, in
-    any session), its schema, and the state of the files Spark reports it reads.
+    """A DataFrame as it is now: its plan (:func:`plan_identity`: the same query, the same
+    identity), its schema, and the state of the files Spark reports it reads.
 
     A DataFrame built in a notebook, from local data or ``range``, has its data in its plan; one
     over files changes when they do. (A JDBC or other non-file relation looks the same while its
@@ -82,7 +142,7 @@ def frame_state(df: DataFrame) -> dict[str, Any]:
     """
     files = list(df.inputFiles())
     return {
-        "plan": int(df.semanticHash()),
+        "plan": plan_identity(df),
         "schema": df.schema.json(),
         "files": list_files(df.sparkSession, *files) if files else [],
         "files_reported": len(files),

@@ -35,6 +35,7 @@ from pyspark.sql import DataFrame
 
 from lepton_spark.config import PipelineConfig
 from lepton_spark.data.columns import check_columns
+from lepton_spark.data.fingerprint import plan_identity
 from lepton_spark.errors import ConfigError, DataError
 from lepton_spark.events import Event
 from lepton_spark.ml.model import TorchModel
@@ -266,7 +267,7 @@ def input_view(dataset: DataFrame) -> str:
     """A temporary view of ``dataset`` under a name its query decides: the same DataFrame, the
     same view name (and the same pipeline config, and its committed shards found again)."""
     digest = hashlib.sha256(
-        f"{dataset.semanticHash()}|{dataset.schema.json()}".encode()
+        f"{plan_identity(dataset)}|{dataset.schema.json()}".encode()
     ).hexdigest()[:16]
     view = f"{INPUT_VIEW_PREFIX}{digest}"
     dataset.createOrReplaceTempView(view)
