@@ -24,7 +24,17 @@ PACKAGE = ROOT / "lepton_spark"
 
 # room → the rooms it may import (``foundation`` is everyone's). The same table is in
 # docs/architecture.md, "The rooms and what each may import".
-FOUNDATION = {"errors", "names", "events", "spec", "redact", "config", "sparkinfo", "__version__"}
+FOUNDATION = {
+    "errors",
+    "names",
+    "events",
+    "spec",
+    "redact",
+    "config",
+    "sparkinfo",
+    "storewire",
+    "__version__",
+}
 ALLOWED: dict[str, set[str]] = {
     "front door": {"pipeline", "ml"},  # lepton_spark/__init__.py: lazily
     "foundation": set(),

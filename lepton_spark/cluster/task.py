@@ -5,11 +5,12 @@ row per rank, the same on classic Spark and on Spark Connect. In each task:
 
 1. ``BarrierTaskContext.allGather`` shares every task's executor address; the slot plan
    (:func:`~lepton_spark.cluster.topology.slot_plan`) follows from it, the same on every task.
-2. Rank 0 starts Horovod's Gloo rendezvous server bound to its executor's address (not 0.0.0.0)
-   or, for torch.distributed (``engine`` ``ddp``/``fsdp``), reserves the port its process will
-   serve the ``TCPStore`` on; a second ``allGather`` hands the port to the others.
+2. Rank 0 starts Horovod's Gloo rendezvous server or, for torch.distributed (``engine``
+   ``ddp``/``fsdp``), the ranks' store service, bound to its executor's address (not 0.0.0.0),
+   guarded by the stage's secret and its slot addresses; a second ``allGather`` hands the port to
+   the others.
 3. Each task runs ``fn(RankContext)`` in a child process (:mod:`lepton_spark.cluster.child`) with
-   the engine's environment (``HOROVOD_*``, or ``MASTER_ADDR``/``RANK``/``WORLD_SIZE``…) and
+   the engine's environment (``HOROVOD_*``, or ``RANK``/``WORLD_SIZE``/the store's address…) and
    ``CUDA_VISIBLE_DEVICES`` from the GPUs Spark assigned it,
    and watches it: a child that stops moving for ``stall_timeout_s`` is stopped by its own task,
    whether or not the driver hears the rank's heartbeats.
@@ -34,7 +35,7 @@ from lepton_spark.cluster.channel import ENV_VAR, EventClient
 from lepton_spark.cluster.child import Watch, run_child
 from lepton_spark.cluster.horovod import RendezvousService, horovod_env, rendezvous_address
 from lepton_spark.cluster.topology import Slot, interface_for, slot_plan
-from lepton_spark.cluster.torchdist import reserve_port, torch_env
+from lepton_spark.cluster.torchdist import StoreService, torch_env
 from lepton_spark.errors import BarrierError, InputError, StallError
 from lepton_spark.events import Event, RankFailed, Rendezvous
 
@@ -115,7 +116,8 @@ def barrier_task(
                     server = RendezvousService(host, slots, settings.rendezvous_secret)
                     port = server.address[1]
                 else:
-                    port = reserve_port(host)
+                    server = StoreService(host, slots, settings.rendezvous_secret)
+                    port = server.address[1]
                 if client:
                     client.send(Rendezvous(host=host, port=port))
             port = json.loads(tc.allGather(json.dumps({"port": port}))[0])["port"]
@@ -129,7 +131,12 @@ def barrier_task(
                     settings.watch.stall_timeout_s if settings.watch else None,
                 )
             else:
-                env = torch_env(slots[rank], (hosts[0], port), interface_for(host))
+                env = torch_env(
+                    slots[rank],
+                    (hosts[0], port),
+                    interface_for(host),
+                    settings.rendezvous_secret,
+                )
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
             if settings.events:

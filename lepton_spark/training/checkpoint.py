@@ -3,25 +3,38 @@
 A checkpoint holds the model's and optimizer's state, the learning-rate schedule's state, the
 position (epoch, batches done in it, global step) and the metrics history so far. The loader's
 order is a pure function of the seed and the epoch, so the position is all it needs to carry on
-from the same batch. The file is written whole or not at all (temporary file, then a move) into
-the run's checkpoint folder (a path or a ``pyarrow.fs`` URI), and read with
+from the same batch. ``checkpoint.pt`` is written whole or not at all (temporary file, then a
+move) into the run's checkpoint folder (a path or a ``pyarrow.fs`` URI), and read with
 ``torch.load(weights_only=True)``: tensors and plain values only, never arbitrary pickled objects.
-No Spark, no MLflow.
+
+Every engine writes the same record. Horovod and DDP put the whole model and optimizer state in
+it; FSDP leaves them out and names instead a ``sharded-*`` subfolder written before it by
+``torch.distributed.checkpoint`` (each rank its own part, rank 0 the metadata), which any number
+of ranks can load. A sharded folder is complete before the record naming it is written, and the
+older ones go after: a failure mid-save leaves the previous checkpoint whole. On an object store
+each rank writes its part to a local folder first and copies it up
+(:func:`staged_sharded`, :func:`fetched_sharded`). No Spark, no MLflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from lepton_spark.shards.storage import Location, locate
 
 CHECKPOINT_NAME = "checkpoint.pt"
+SHARDED_PREFIX = "sharded-"  # a torch.distributed.checkpoint folder (FSDP)
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,7 @@ class Checkpoint:
     schedule: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
     size: int | None = None  # the ranks that wrote it (None: a checkpoint from before 0.3)
+    sharded: str | None = None  # the subfolder holding model and optimizer state (FSDP)
 
 
 def save_checkpoint(folder: str | Path | Location, checkpoint: Checkpoint) -> Location:
@@ -59,6 +73,7 @@ def save_checkpoint(folder: str | Path | Location, checkpoint: Checkpoint) -> Lo
         # JSON text: plain values only, whatever the metrics hold.
         "history": json.dumps(checkpoint.history),
         "size": checkpoint.size,
+        "sharded": checkpoint.sharded,
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -81,4 +96,65 @@ def load_checkpoint(folder: str | Path | Location) -> Checkpoint | None:
         schedule=payload["schedule"],
         history=json.loads(payload["history"]),
         size=payload.get("size"),
+        sharded=payload.get("sharded"),
     )
+
+
+def sharded_location(folder: str | Path | Location, name: str) -> Location:
+    if not name.startswith(SHARDED_PREFIX) or "/" in name:
+        raise ValueError(f"not a sharded checkpoint's name: {name!r}")
+    return locate(folder).child(name)
+
+
+@contextlib.contextmanager
+def staged_sharded(folder: str | Path | Location, name: str) -> Iterator[str]:
+    """A local folder for this rank's part of the sharded checkpoint ``name``: the folder
+    itself on a local disk; elsewhere a temporary one, copied up when the block ends."""
+    place = sharded_location(folder, name)
+    if place.is_local:
+        Path(place.path).mkdir(parents=True, exist_ok=True)
+        yield place.path
+        return
+    local = tempfile.mkdtemp(prefix="lepton-dcp-")
+    try:
+        yield local
+        place.fs.create_dir(place.path, recursive=True)
+        pafs.copy_files(
+            local,
+            place.path,
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=place.fs,
+        )
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def fetched_sharded(folder: str | Path | Location, name: str) -> Iterator[str]:
+    """The sharded checkpoint ``name`` as a local folder (copied down from an object store)."""
+    place = sharded_location(folder, name)
+    if not place.exists():
+        raise FileNotFoundError(f"the sharded checkpoint {place.uri} named by the record is gone")
+    if place.is_local:
+        yield place.path
+        return
+    local = tempfile.mkdtemp(prefix="lepton-dcp-")
+    try:
+        pafs.copy_files(
+            place.path,
+            local,
+            source_filesystem=place.fs,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def remove_sharded(folder: str | Path | Location, keep: str | None) -> None:
+    """Every sharded checkpoint in ``folder`` but ``keep`` (older ones, or parts a failed save
+    left)."""
+    place = locate(folder)
+    for name in place.subfolders():
+        if name.startswith(SHARDED_PREFIX) and name != keep:
+            place.child(name).delete_folder()

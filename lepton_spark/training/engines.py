@@ -10,14 +10,17 @@
 * how one optimizer step goes (:meth:`Engine.step`, gradient scaling included), and how
   gradients accumulate without a sync in between (:meth:`Engine.accumulating`,
   ``train.accumulate_steps``); gradients may travel in 16 bits (``train.compression``);
-* how the whole state is gathered for a checkpoint or the result, and spread again on resume
-  (:meth:`Engine.model_state`, :meth:`Engine.optimizer_state`, :meth:`Engine.load_state`): a
-  full, unsharded state dict on rank 0 in every engine, so a checkpoint resumes at any number of
-  ranks.
+* how the state goes into a checkpoint and back: whole on rank 0 for Horovod and DDP
+  (:meth:`Engine.model_state`, :meth:`Engine.optimizer_state`, :meth:`Engine.load_state`); for
+  FSDP each rank's part through ``torch.distributed.checkpoint`` (:meth:`Engine.save_sharded`,
+  :meth:`Engine.load_sharded`). Either resumes at any number of ranks. The trained model is
+  gathered whole on rank 0 in every engine.
 
 Collectives never unpickle: tensors only. Under Spark the barrier task sets the environment
-(``HOROVOD_*`` for Horovod, ``MASTER_ADDR``/``RANK``/``WORLD_SIZE``… for torch.distributed); with
-none, an engine is one rank of one. No Spark, no MLflow.
+(``HOROVOD_*`` for Horovod; ``RANK``/``WORLD_SIZE`` and the guarded store's address for
+torch.distributed, :mod:`lepton_spark.training.store`); under a launcher of the user's own
+(``torchrun``: ``MASTER_ADDR``), torch's ``env://``; with none, an engine is one rank of one.
+No Spark, no MLflow.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import nn
 from lepton_spark.config import TrainConfig
 from lepton_spark.errors import InputError
 from lepton_spark.training.devices import choose_device
+from lepton_spark.training.store import GuardedStore
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +138,22 @@ class Engine:
     def broadcast_parameters(self, state: dict[str, torch.Tensor]) -> None:
         for key, value in state.items():
             value.data.copy_(self.broadcast(value.data, 0, name=key))
+
+    def shards_state(self) -> bool:
+        """Whether checkpoints keep the model and optimizer state as each rank's part
+        (:meth:`save_sharded`, FSDP) rather than whole on rank 0 (:meth:`model_state`)."""
+        return False
+
+    def save_sharded(self, model: nn.Module, optimizer: Any, folder: str) -> None:
+        """Every rank writes its part of the state into the local ``folder`` (collective)."""
+        raise NotImplementedError
+
+    def load_sharded(self, model: nn.Module, optimizer: Any, folder: str) -> None:
+        """The state in a sharded checkpoint ``folder`` into every rank's part (collective)."""
+        raise InputError(
+            f"this run's checkpoint is sharded (written by train.backend 'fsdp'); "
+            f"train.backend {self.name!r} cannot resume it"
+        )
 
     def shard_evaluation(self) -> bool:
         """Whether every forward pass is a collective (FSDP): the ranks must then run as many."""
@@ -236,7 +256,20 @@ class TorchEngine(Engine):
         timeout = datetime.timedelta(seconds=max(cfg.gloo_timeout_s, cfg.stall_timeout_s))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if "MASTER_ADDR" in os.environ:
+        store = GuardedStore.from_env(timeout)
+        if store is not None:  # a barrier stage: rank 0's task serves the store
+            dist.init_process_group(
+                backend,
+                store=store,
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+                timeout=timeout,
+                # NCCL connects now, not at the first collective: the store closes below.
+                device_id=self.device if self.device.type == "cuda" else None,
+            )
+            dist.barrier()  # every rank's connections are made: the store may close
+            store.ready(self.rank())
+        elif "MASTER_ADDR" in os.environ:  # a launcher of the user's own (torchrun)
             dist.init_process_group(backend, init_method="env://", timeout=timeout)
         else:  # one rank of one, no Spark: nothing to connect to
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -361,6 +394,34 @@ class FsdpEngine(TorchEngine):
         options = _full(broadcast=True)
         set_model_state_dict(model, model_state or {}, options=options)
         set_optimizer_state_dict(model, optimizer, optimizer_state or {}, options=options)
+
+    def shards_state(self) -> bool:
+        return True
+
+    def save_sharded(self, model: nn.Module, optimizer: Any, folder: str) -> None:
+        """``torch.distributed.checkpoint``: each rank writes its own shards, rank 0 the
+        metadata; no rank ever holds the whole state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+
+    def load_sharded(self, model: nn.Module, optimizer: Any, folder: str) -> None:
+        """Each rank reads the parts of the checkpoint its shards need, whatever the number of
+        ranks that wrote it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=folder)
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
 
     def shard_evaluation(self) -> bool:
         return True

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import io
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,16 @@ from lepton_spark.models import build_model
 from lepton_spark.names import TRAIN_EPOCH_SECONDS, TRAIN_LOSS, TRAIN_SAMPLES_PER_SECOND, current
 from lepton_spark.shards.loader import Layout, ShardLoader
 from lepton_spark.shards.manifest import Manifest, SplitInfo, read_manifest
-from lepton_spark.training.checkpoint import Checkpoint, Position, load_checkpoint, save_checkpoint
+from lepton_spark.training.checkpoint import (
+    SHARDED_PREFIX,
+    Checkpoint,
+    Position,
+    fetched_sharded,
+    load_checkpoint,
+    remove_sharded,
+    save_checkpoint,
+    staged_sharded,
+)
 from lepton_spark.training.devices import (
     FP32,
     Precision,
@@ -206,20 +216,25 @@ def resume(spec: TrainSpec, engine: Engine, trainer: Trainer, steps: int | None 
                 "history": ckpt.history,
                 "schedule": ckpt.schedule,
                 "size": ckpt.size,
+                "sharded": ckpt.sharded,
             }
             buffer = io.BytesIO()
             torch.save(state, buffer)
             payload = buffer.getvalue()
     payload = broadcast_bytes(engine, payload, name="resume")
-    engine.load_state(
-        trainer.model,
-        trainer.optimizer,
-        ckpt.model if ckpt is not None else None,
-        ckpt.optimizer if ckpt is not None else None,
-    )
-    if not payload:
+    state = torch.load(io.BytesIO(payload), weights_only=True) if payload else None
+    if state is not None and state.get("sharded"):  # every rank reads its part
+        with fetched_sharded(spec.checkpoint_dir, state["sharded"]) as folder:
+            engine.load_sharded(trainer.model, trainer.optimizer, folder)
+    else:
+        engine.load_state(
+            trainer.model,
+            trainer.optimizer,
+            ckpt.model if ckpt is not None else None,
+            ckpt.optimizer if ckpt is not None else None,
+        )
+    if state is None:
         return Resumed(Position(), [], None)
-    state = torch.load(io.BytesIO(payload), weights_only=True)
     position = Position(**state["position"])
     history = [{current(k): v for k, v in epoch.items()} for epoch in state["history"]]  # 0.1
     trainer.schedule.load_state_dict(state["schedule"])
@@ -413,8 +428,19 @@ def checkpoint(
     calls this: FSDP gathers the shards)."""
     if not spec.checkpoint_dir:
         return
-    model = trainer.engine.model_state(trainer.model)
-    optimizer = trainer.engine.optimizer_state(trainer.model, trainer.optimizer)
+    engine = trainer.engine
+    sharded = None
+    if engine.shards_state():  # FSDP: each rank writes its part, then rank 0 the record
+        token = secrets.token_hex(4) if rank == 0 else ""
+        token = broadcast_bytes(engine, token.encode(), name="checkpoint.name").decode()
+        sharded = f"{SHARDED_PREFIX}{position.global_step:09d}-{token}"
+        with staged_sharded(spec.checkpoint_dir, sharded) as folder:
+            engine.save_sharded(trainer.model, trainer.optimizer, folder)
+        engine.allreduce(torch.zeros(1), name="checkpoint.written")  # every part is in place
+        model, optimizer = {}, {}
+    else:
+        model = engine.model_state(trainer.model)
+        optimizer = engine.optimizer_state(trainer.model, trainer.optimizer)
     if rank != 0:
         return
     save_checkpoint(
@@ -425,9 +451,12 @@ def checkpoint(
             optimizer=optimizer,
             schedule=trainer.schedule.state_dict(),
             history=list(history),
-            size=trainer.engine.size(),
+            size=engine.size(),
+            sharded=sharded,
         ),
     )
+    if sharded is not None:
+        remove_sharded(spec.checkpoint_dir, keep=sharded)
 
 
 def report_epoch(report: Report | None, epoch: int, metrics: dict[str, float]) -> None:

@@ -6,15 +6,16 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 from mlflow import MlflowClient
 
 from lepton_spark import events, run_pipeline
-from lepton_spark.models import build_model
 from lepton_spark.pipeline.steps import train_with_retries
+from lepton_spark.shards.storage import locate
 from lepton_spark.training.checkpoint import load_checkpoint
 from lepton_spark.training.job import TrainSpec
-from tests.training.test_training import MODEL, SPEC, flat_table, make_shards, sgd_config
+from tests.training.test_training import MODEL, flat_table, make_shards, sgd_config
 
 
 @pytest.mark.slow
@@ -43,24 +44,35 @@ def test_the_demo_trains_with_the_engine_and_resumes_a_killed_rank(
     assert result.metrics["val/loss"] == pytest.approx(clean.metrics["val/loss"], abs=0.005)
 
 
-def test_an_fsdp_checkpoint_written_by_two_ranks_resumes_on_one(spark, tmp_path):
-    """The checkpoint holds the whole (unsharded) state: 2 FSDP ranks write it, 1 rank carries
-    on from it (the learning rate halved with the ranks), and its loss goes on falling."""
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_fsdp_checkpoint_written_by_two_ranks_resumes_on_one(spark, tmp_path, where, request):
+    """The checkpoint is sharded (torch.distributed.checkpoint): each of 2 FSDP ranks writes its
+    part, 1 rank carries on from it (the learning rate halved with the ranks), and its loss goes
+    on falling."""
     rng = np.random.default_rng(8)
     tables = [flat_table(rng, 2048), flat_table(rng, 2048)]
     folder = make_shards(tmp_path / "shards", tables, [flat_table(rng, 500), flat_table(rng, 500)])
-    checkpoints = tmp_path / "checkpoint"
-    common = {"backend": "fsdp", "optimizer": "adamw", "lr": 0.01, "batch_size": 64}
-    two = TrainSpec(
-        str(folder), sgd_config(epochs=2, **common), MODEL, checkpoint_dir=str(checkpoints)
+    # On an object store each rank stages its part locally and copies it up.
+    checkpoints = (
+        request.getfixturevalue("s3").uri("checkpoint")
+        if where == "s3"
+        else (str(tmp_path / "checkpoint"))
     )
+    common = {"backend": "fsdp", "optimizer": "adamw", "lr": 0.01, "batch_size": 64}
+    two = TrainSpec(str(folder), sgd_config(epochs=2, **common), MODEL, checkpoint_dir=checkpoints)
     first, _ = train_with_retries(spark, two, lambda e: None)
     saved = load_checkpoint(checkpoints)
     assert saved is not None and saved.size == 2 and saved.position.epoch == 2
-    assert set(saved.model) == set(build_model(MODEL, SPEC).state_dict())  # whole, plain keys
+    assert saved.model == {} and saved.sharded is not None  # no rank gathered the state
+    # Only the latest sharded folder is left (one per epoch was written); a part per rank.
+    place = locate(checkpoints)
+    assert place.subfolders() == [saved.sharded]
+    folder = place.child(saved.sharded)
+    found = place.fs.get_file_info(pafs.FileSelector(folder.path))
+    assert sorted(i.base_name for i in found) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
     one = dataclasses.replace(
-        two, train=sgd_config(epochs=4, num_workers=1, **common), checkpoint_dir=str(checkpoints)
+        two, train=sgd_config(epochs=4, num_workers=1, **common), checkpoint_dir=checkpoints
     )
     seen: list[events.Event] = []
     results, attempts = train_with_retries(spark, one, seen.append)
