@@ -23,6 +23,7 @@ import torch.distributed as dist
 from lepton_spark import storewire
 
 RETRY_CONNECT_S = 30.0  # rank 0's task may start its service a moment after this rank asks
+NOT_IDEMPOTENT = frozenset({"add", "cas"})
 
 
 class StoreError(RuntimeError):
@@ -81,7 +82,10 @@ class GuardedStore(dist.Store):
             except (ConnectionError, http.client.HTTPException, OSError) as err:
                 conn.close()
                 self._local.conn = None
-                if time.monotonic() > deadline:
+                # Sent again only where it cannot count twice: an ``add`` the service may have
+                # taken before the connection broke is not.
+                again = isinstance(err, ConnectionRefusedError) or op not in NOT_IDEMPOTENT
+                if not again or time.monotonic() > deadline:
                     raise StoreError(
                         f"torch store at {self._host}:{self._port} unreachable ({op}): {err}"
                     ) from err
