@@ -5,8 +5,12 @@
    medians over rounds, engines alternating. Goal: ``ddp`` ≥ 0.95× Horovod.
 2. **Memory per rank**, the Transformer of ``pipelines/text_fsdp.yaml`` (about 22 M parameters)
    trained a few AdamW steps on random tokens with ``ddp`` and with ``fsdp``: the bytes of
-   parameters, gradients and optimizer state each rank holds, and each rank's peak RSS growth
-   over its RSS before the model was built. Goal: ``fsdp`` ≤ 0.65× ``ddp``. Its step time too.
+   parameters, gradients and optimizer state each rank holds, and each rank's RSS growth over
+   its RSS before the model was built, at its peak and after the last step. Goal: ``fsdp`` ≤
+   0.65× ``ddp``. Its step time too. Twice: with glibc's allocator as it comes (its mmap
+   threshold rises as big blocks are freed, so freed tensors stay in the heap and the RSS),
+   and with the threshold fixed at 128 KiB (``mallopt``, what ``MALLOC_MMAP_THRESHOLD_=131072``
+   in the executors' environment does): freed tensors go back to the system.
 
     python -m benchmarks.engines            # writes results/engines.json
 """
@@ -50,14 +54,34 @@ def throughput(spark: Any, folder: str, backend: str, batch: int) -> float:
     return float(results[0].history[0]["train/samples_per_second"])
 
 
-def transformer_rank(backend: str, steps: int, batch: int, ctx: Any) -> dict[str, float]:
-    """In one rank: a few AdamW steps of the text_fsdp Transformer; its memory and step time."""
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
+M_TRIM_THRESHOLD = -1
+FIXED_THRESHOLD = 128 << 10
+
+
+def _return_freed_memory() -> None:
+    """glibc: serve blocks of 128 KiB and more by mmap, always, so that freeing them returns
+    them to the system (by default the threshold grows past freed blocks up to 32 MiB)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, FIXED_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, FIXED_THRESHOLD)
+
+
+def transformer_rank(
+    backend: str, steps: int, batch: int, returned: bool, ctx: Any
+) -> dict[str, float]:
+    """In one rank: a few AdamW steps of the text_fsdp Transformer; its memory and step time
+    (``returned``: with freed memory given back, :func:`_return_freed_memory`)."""
     from lepton_spark.models import build_model
     from lepton_spark.spec import FeatureSpec, TextFeature
     from lepton_spark.training.engines import start_engine
     from lepton_spark.training.optim import make_optimizer
 
     torch.set_num_threads(1)
+    if returned:
+        _return_freed_memory()
     pipeline = load_config(TEXT_PIPELINE)
     cfg = pipeline.train.model_copy(update={"backend": backend})
     engine = start_engine(cfg)
@@ -94,9 +118,11 @@ def transformer_rank(backend: str, steps: int, batch: int, ctx: Any) -> dict[str
             if torch.is_tensor(v) and v.dim() > 0
         )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        after = psutil.Process().memory_info().rss
         return {
             "state_bytes": float(held + grads + state),
             "peak_rss_growth_bytes": float(peak - before),
+            "end_rss_growth_bytes": float(after - before),
             "step_seconds": median(times[1:]),
         }
     finally:
@@ -108,8 +134,8 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def memory(spark: Any, backend: str, steps: int, batch: int) -> dict[str, float]:
-    fn = functools.partial(transformer_rank, backend, steps, batch)
+def memory(spark: Any, backend: str, steps: int, batch: int, returned: bool) -> dict[str, float]:
+    fn = functools.partial(transformer_rank, backend, steps, batch, returned)
     ranks = run_barrier(spark, fn, 2, settings=BarrierSettings(engine=backend))
     return {key: max(r[key] for r in ranks) for key in ranks[0]}  # the heavier rank
 
@@ -120,7 +146,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--text-steps", type=int, default=6)
-    parser.add_argument("--text-batch", type=int, default=16)
+    parser.add_argument(
+        "--text-batch",
+        default="4,16",
+        help="batch sizes of the Transformer runs (activations, unsharded, grow with it)",
+    )
     args = parser.parse_args()
 
     folder = shards(args.rows)  # the scaling benchmark's: 2 training shards, a validation split
@@ -130,29 +160,49 @@ def main() -> None:
         for backend in ENGINES:
             rates[backend].append(throughput(spark, folder, backend, args.batch))
             print(f"{backend}: {rates[backend][-1]:,.0f} samples/s", flush=True)
-    sizes = {b: memory(spark, b, args.text_steps, args.text_batch) for b in ("ddp", "fsdp")}
-    for backend, figures in sizes.items():
-        print(f"{backend} transformer: {figures}", flush=True)
+    batches = [int(b) for b in args.text_batch.split(",")]
+    big = batches[-1]
+    sizes = {b: memory(spark, b, args.text_steps, big, False) for b in ("ddp", "fsdp")}
+    freed = {
+        batch: {b: memory(spark, b, args.text_steps, batch, True) for b in ("ddp", "fsdp")}
+        for batch in batches
+    }
+    for backend in sizes:
+        print(f"{backend} transformer, batch {big}: {sizes[backend]}", flush=True)
+        for batch in batches:
+            print(f"{backend}, batch {batch}, freed returned: {freed[batch][backend]}", flush=True)
     spark.stop()
     horovod = median(rates["horovod"])
+
+    def ratio(figures: dict[str, dict[str, float]], key: str) -> float:
+        return figures["fsdp"][key] / figures["ddp"][key]
+
+    returned: dict[str, float] = {}
+    for batch in batches:
+        for key in ("peak_rss_growth", "end_rss_growth"):
+            name = f"fsdp_over_ddp_{key}_returned_batch{batch}"
+            returned[name] = ratio(freed[batch], f"{key}_bytes")
     report(
         "engines",
         {
             "ddp_over_horovod_throughput": median(rates["ddp"]) / horovod,
             "fsdp_over_horovod_throughput": median(rates["fsdp"]) / horovod,
-            "fsdp_over_ddp_state_bytes": sizes["fsdp"]["state_bytes"] / sizes["ddp"]["state_bytes"],
-            "fsdp_over_ddp_peak_rss_growth": sizes["fsdp"]["peak_rss_growth_bytes"]
-            / sizes["ddp"]["peak_rss_growth_bytes"],
-            "fsdp_over_ddp_step_seconds": sizes["fsdp"]["step_seconds"]
-            / sizes["ddp"]["step_seconds"],
+            "fsdp_over_ddp_state_bytes": ratio(sizes, "state_bytes"),
+            "fsdp_over_ddp_peak_rss_growth": ratio(sizes, "peak_rss_growth_bytes"),
+            "fsdp_over_ddp_end_rss_growth": ratio(sizes, "end_rss_growth_bytes"),
+            **returned,
+            "fsdp_over_ddp_step_seconds": ratio(sizes, "step_seconds"),
+            "fsdp_returned_over_default_step_seconds": freed[big]["fsdp"]["step_seconds"]
+            / sizes["fsdp"]["step_seconds"],
         },
         {
             "rows": args.rows,
             "batch": args.batch,
             "samples_per_second": rates,
             "transformer": sizes,
+            "transformer_freed_memory_returned": {str(b): f for b, f in freed.items()},
             "text_steps": args.text_steps,
-            "text_batch": args.text_batch,
+            "text_batch": batches,
         },
     )
 

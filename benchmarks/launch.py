@@ -1,12 +1,15 @@
 """Launch cost: an empty training function (start the engine, one allreduce, stop) on 2 ranks
 through lepton-spark's barrier stage and through the peers' launchers, alternating, on
-``local[2]``. Shared by ``vs_torchdistributor`` and ``vs_horovod_run``."""
+``local[2]``; and where the time of our launch goes (:func:`breakdown`). Shared by
+``vs_torchdistributor`` and ``vs_horovod_run``."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from typing import Any
+
+import psutil
 
 from benchmarks._common import median
 from lepton_spark.cluster.stage import BarrierSettings, run_barrier
@@ -50,3 +53,61 @@ def alternate(
             print(f"{name}: {seconds[name][-1]:.2f} s", flush=True)
     warm = {name: median(values[1:] or values) for name, values in seconds.items()}
     return seconds, warm
+
+
+class _TimedRank:
+    """The empty rank, with the wall-clock time of each of its steps (seconds since the epoch:
+    one machine, one clock)."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def __call__(self, ctx: Any) -> dict[str, float]:
+        entered = time.time()
+        spawned = psutil.Process().create_time()
+        import torch
+
+        from lepton_spark.config import TrainConfig
+        from lepton_spark.training.engines import start_engine
+
+        imported = time.time()
+        engine = start_engine(TrainConfig(backend=self.backend))
+        up = time.time()
+        total = float(engine.allreduce(torch.ones(1))[0])
+        reduced = time.time()
+        engine.shutdown()
+        assert total == 2.0
+        return {
+            "spawned": spawned,
+            "entered": entered,
+            "imported": imported,
+            "up": up,
+            "reduced": reduced,
+            "down": time.time(),
+        }
+
+
+def breakdown(spark: Any, backend: str) -> dict[str, float]:
+    """Where one launch of the empty function goes, in seconds (rank 0's side; the slower rank
+    for the child's own steps)."""
+    submitted = time.time()
+    ranks = run_barrier(spark, _TimedRank(backend), 2, settings=BarrierSettings(engine=backend))
+    returned = time.time()
+    first = min(r["spawned"] for r in ranks)
+
+    def longest(start: str, end: str) -> float:
+        return max(r[end] - r[start] for r in ranks)
+
+    return {
+        # check_slots, the channel's probe job, the stage's job and its Python workers, two
+        # allGathers, rank 0's rendezvous server up, the child process forked
+        "stage_to_child": first - submitted,
+        "child_start_and_unpickle": longest("spawned", "entered"),  # python, rank_main, cloudpickle
+        "import_torch_and_lepton": longest("entered", "imported"),
+        "engine_start": longest("imported", "up"),  # the rendezvous: gloo's pairs connected
+        "allreduce": longest("up", "reduced"),
+        "engine_shutdown": longest("reduced", "down"),
+        # the child's exit, its result read, the task's final barrier, the rows collected
+        "down_to_driver": returned - max(r["down"] for r in ranks),
+        "total": returned - submitted,
+    }

@@ -11,7 +11,7 @@ import argparse
 import time
 
 from benchmarks._common import report
-from benchmarks.launch import alternate, ours
+from benchmarks.launch import alternate, breakdown, ours
 from lepton_spark.config import SparkConfig
 from lepton_spark.data.session import spark_session
 
@@ -44,6 +44,9 @@ def main() -> None:
     seconds, warm = alternate(
         args.rounds, {"lepton_horovod": lambda: ours(spark, "horovod"), "horovod_spark_run": theirs}
     )
+    steps = breakdown(spark, "horovod")  # where our launch goes, warm
+    for name, value in steps.items():
+        print(f"  ours, {name}: {value:.2f} s", flush=True)
     spark.stop()
     report(
         "vs_horovod_run",
@@ -52,7 +55,7 @@ def main() -> None:
             "launch_ours_over_horovod_run_cold": seconds["lepton_horovod"][0]
             / seconds["horovod_spark_run"][0],
         },
-        {"seconds": seconds, "rounds": args.rounds},
+        {"seconds": seconds, "rounds": args.rounds, "ours_breakdown_s": steps},
     )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import WORK, median, report
-from benchmarks.launch import alternate, ours
+from benchmarks.launch import alternate, breakdown, ours
 from lepton_spark import run_pipeline
 from lepton_spark.config import SparkConfig, load_config
 from lepton_spark.data.session import spark_session
@@ -167,6 +167,9 @@ def main() -> None:
     seconds, warm = alternate(
         args.rounds, {"lepton_ddp": lambda: ours(spark, "ddp"), "torchdistributor": theirs}
     )
+    steps = breakdown(spark, "ddp")  # where our launch goes, warm
+    for name, value in steps.items():
+        print(f"  ours, {name}: {value:.2f} s", flush=True)
     work = WORK / "bench" / "vs-torchdistributor"
     cfg = demo_config(args.rows, args.epochs, work)
     runs: dict[str, list[tuple[float, float]]] = {"lepton_ddp": [], "torchdistributor": []}
@@ -187,6 +190,7 @@ def main() -> None:
         },
         {
             "launch_seconds": seconds,
+            "ours_breakdown_s": steps,
             "rounds": args.rounds,
             "end_to_end": {
                 n: [{"seconds": t, "val_accuracy": a} for t, a in d] for n, d in runs.items()

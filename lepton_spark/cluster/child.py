@@ -99,8 +99,12 @@ def _wait(child: subprocess.Popen, work: Path, watch: Watch | None) -> str | Non
         child.wait()
         return None
     position, moved = _position(work), time.monotonic()
-    while child.poll() is None:
-        time.sleep(POLL_S)
+    while True:
+        try:
+            child.wait(timeout=POLL_S)  # back at once when the child exits
+            return None
+        except subprocess.TimeoutExpired:
+            pass
         now_at = _position(work)
         if now_at != position:
             position, moved = now_at, time.monotonic()
@@ -115,7 +119,6 @@ def _wait(child: subprocess.Popen, work: Path, watch: Watch | None) -> str | Non
                 f"stalled: no progress for {idle:.0f} s (limit {limit:g} s, "
                 f"train.stall_timeout_s), stuck {_describe(position)}; stopped by its own task"
             )
-    return None
 
 
 def _describe(position: str | None) -> str:
