@@ -12,6 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test test-connect test-fast lint format lock clean config-reference bench bench-data-path bench-memory \
 	bench-scaling bench-petastorm bench-petastorm-env bench-recovery bench-scoring bench-tracking \
 	bench-estimator bench-connect bench-engines bench-vs-torchdistributor bench-vs-horovod-run \
+	bench-compression \
 	wheel cluster-up cluster-down airflow-env
 
 $(STAMP): pyproject.toml constraints.txt scripts/install_horovod.sh
@@ -58,7 +59,8 @@ test-fast: setup
 
 # Benchmarks: measured side by side in one run, never timed tests (shared machines are noisy).
 bench: bench-data-path bench-memory bench-scaling bench-petastorm bench-scoring bench-tracking \
-	bench-estimator bench-connect bench-engines bench-vs-torchdistributor bench-vs-horovod-run
+	bench-estimator bench-connect bench-engines bench-vs-torchdistributor bench-vs-horovod-run \
+	bench-compression
 
 bench-data-path: setup
 	$(BIN)/python -m benchmarks.data_path
@@ -71,6 +73,9 @@ bench-scaling: setup
 
 bench-engines: setup
 	$(BIN)/python -m benchmarks.engines
+
+bench-compression: setup
+	$(BIN)/python -m benchmarks.compression
 
 bench-vs-torchdistributor: setup
 	$(BIN)/python -m benchmarks.vs_torchdistributor

@@ -72,11 +72,17 @@ def demo_config(rows: int, epochs: int, work: Path) -> Any:
     )
 
 
+STAGES: dict[str, list[dict[str, float]]] = {"lepton_ddp": []}  # where our time went, per run
+
+
 def ours_end_to_end(spark: Any, cfg: Any) -> tuple[float, float]:
     shutil.rmtree(cfg.shards.root, ignore_errors=True)  # written afresh, as theirs is
     started = time.perf_counter()
     result = run_pipeline(cfg, spark=spark, progress=lambda e: None)
-    return time.perf_counter() - started, float(result.metrics["val/accuracy"])
+    seconds = time.perf_counter() - started
+    STAGES["lepton_ddp"].append({k: float(v) for k, v in result.timings.items()})
+    print(f"lepton_ddp stages: {STAGES['lepton_ddp'][-1]}", flush=True)
+    return seconds, float(result.metrics["val/accuracy"])
 
 
 def theirs_end_to_end(spark: Any, cfg: Any, work: Path) -> tuple[float, float]:
@@ -195,6 +201,7 @@ def main() -> None:
             "end_to_end": {
                 n: [{"seconds": t, "val_accuracy": a} for t, a in d] for n, d in runs.items()
             },
+            "ours_stages_s": STAGES["lepton_ddp"],
             "rows": args.rows,
             "epochs": args.epochs,
         },

@@ -243,6 +243,10 @@ class ShardConfig(_Frozen):
     keep: int = Field(5, ge=1)
     """Committed shard folders kept per pipeline name under ``root``: when a new one is written,
     the oldest beyond this many are removed (``lepton-spark shards gc`` does it on demand)."""
+    compression: Literal["none", "lz4", "zstd"] = "none"
+    """Arrow IPC buffer compression of the shard files: none (read in place, zero copy) | lz4 |
+    zstd (fewer bytes, for object stores where bytes cost more than CPU; each batch is
+    decompressed as it is read)."""
 
     @model_validator(mode="after")
     def _key_and_size(self) -> ShardConfig:

@@ -206,6 +206,8 @@ def dataset_fingerprint(spark: Session, cfg: PipelineConfig) -> tuple[str, dict[
             log.info("source %r has no files or version to fingerprint: shards rewritten", name)
             state["unversioned"] = uuid.uuid4().hex
     shards = cfg.shards.model_dump(mode="json", exclude={"root", "skew_warning", "keep"})
+    if shards["compression"] == "none":  # added later: folders written before it stay reused
+        del shards["compression"]
     payload = {
         "format_version": FORMAT_VERSION,
         "lepton_spark": __version__,

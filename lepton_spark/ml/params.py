@@ -4,10 +4,11 @@ Every field a pipeline file can set for the features, the split, the shards, the
 model and the tracking is a ``pyspark.ml`` Param of :class:`~lepton_spark.ml.TorchEstimator`,
 under the field's own name (``lr``, ``epochs``, ``numeric``, ``registered_model``...; the few
 names two sections share are prefixed: ``split_seed``, ``shard_seed``, ``shards_root``,
-``shard_strategy``, ``shard_key``, ``model_options``; ``model`` is ``model.name``). Each Param's
-doc is the field's description, and its type converter is the field's own pydantic validation,
-so a bad value fails when it is set, naming the param. The label, weight and a vector features
-column are Spark ML's ``labelCol``, ``weightCol`` and ``featuresCol``.
+``shard_strategy``, ``shard_key``, ``shard_compression``, ``model_options``; ``model`` is
+``model.name``). Each Param's doc is the field's description, and its type converter is the
+field's own pydantic validation, so a bad value fails when it is set, naming the param. The
+label, weight and a vector features column are Spark ML's ``labelCol``, ``weightCol`` and
+``featuresCol``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ _RENAMED = {
     ("shards", "strategy"): "shard_strategy",
     ("shards", "key"): "shard_key",
     ("shards", "keep"): "keep_shards",
+    ("shards", "compression"): "shard_compression",
     ("model", "name"): "model",
     ("model", "options"): "model_options",
 }
@@ -61,13 +63,24 @@ _RENAMED = {
 # Lists of sections whose items may be given by name alone (arrays=["pixels"], text=["doc"]).
 _NAMED_ITEMS = {("features", "arrays"), ("features", "text")}
 
+
+def _fields() -> dict[str, tuple[str, str]]:
+    fields: dict[str, tuple[str, str]] = {}
+    for section, model in _SECTIONS.items():
+        for name in model.model_fields:
+            if (section, name) in _LEFT_OUT:
+                continue
+            param = _RENAMED.get((section, name), name)
+            if param in fields:  # two sections' fields under one Param: rename one above
+                raise RuntimeError(
+                    f"Param {param!r} would be {fields[param]} and {(section, name)}"
+                )
+            fields[param] = (section, name)
+    return fields
+
+
 # Param name → (config section, field), for every field the estimator takes.
-FIELDS: dict[str, tuple[str, str]] = {
-    _RENAMED.get((section, name), name): (section, name)
-    for section, model in _SECTIONS.items()
-    for name in model.model_fields
-    if (section, name) not in _LEFT_OUT
-}
+FIELDS: dict[str, tuple[str, str]] = _fields()
 
 
 def _converter(param: str, section: str, name: str) -> Any:

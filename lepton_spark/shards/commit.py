@@ -50,6 +50,7 @@ def make_manifest(
     key: str | None = None,
     source: Mapping[str, Any] | None = None,
     num_workers: int | None = None,
+    compression: str = "none",
 ) -> Manifest:
     return Manifest(
         fingerprint=fingerprint,
@@ -58,6 +59,7 @@ def make_manifest(
         schema={f.name: str(f.type) for f in shard_schema(spec)},
         strategy=strategy,
         key=key,
+        compression=compression,
         source=redact_tree(dict(source or {})),  # a manifest is read by anyone who reads data
         splits=splits,
         skew={n: s.skew(num_workers) for n, s in splits.items() if num_workers and s.shards},

@@ -113,8 +113,10 @@ def write_shard(
     batches: Iterable[pa.RecordBatch],
     spec: FeatureSpec,
     key: str | None = None,
+    compression: str = "none",
 ) -> ShardInfo | None:
-    """Write flat record batches as one packed shard at ``folder/relpath``.
+    """Write flat record batches as one packed shard at ``folder/relpath``, its buffers
+    compressed with ``compression`` (``none``, ``lz4`` or ``zstd``: readers need no flag).
 
     Returns its manifest entry (with the smallest and largest ``key`` when one is named), or
     ``None`` (and no file) when there were no rows.
@@ -124,7 +126,11 @@ def write_shard(
     place.fs.create_dir(place.path.rsplit("/", 1)[0], recursive=True)
     rows = 0
     lows, highs = [], []
-    with place.fs.open_output_stream(place.path) as sink, pa.ipc.new_file(sink, schema) as out:
+    options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
+    with (
+        place.fs.open_output_stream(place.path) as sink,
+        pa.ipc.new_file(sink, schema, options=options) as out,
+    ):
         for batch in batches:
             if not batch.num_rows:
                 continue

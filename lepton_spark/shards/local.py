@@ -19,6 +19,7 @@ def write_local_shards(
     splits: Mapping[str, Iterable[pa.Table]],
     spec: FeatureSpec,
     fingerprint: str = "local",
+    compression: str = "none",
 ) -> Manifest:
     """Write and commit a shard folder from flat tables, one shard each (no Spark).
 
@@ -27,20 +28,25 @@ def write_local_shards(
 
     def write(attempt: str) -> Manifest:
         infos = {
-            name: _write_tables(folder, f"{attempt}/{name}", tables, spec)
+            name: _write_tables(folder, f"{attempt}/{name}", tables, spec, compression)
             for name, tables in splits.items()
         }
-        return make_manifest(fingerprint, spec, infos)
+        return make_manifest(fingerprint, spec, infos, compression=compression)
 
     return write_attempt(folder, write)
 
 
 def _write_tables(
-    folder: str | Path | Location, prefix: str, tables: Iterable[pa.Table], spec: FeatureSpec
+    folder: str | Path | Location,
+    prefix: str,
+    tables: Iterable[pa.Table],
+    spec: FeatureSpec,
+    compression: str,
 ) -> SplitInfo:
     infos = []
     for i, table in enumerate(tables):
-        info = write_shard(folder, f"{prefix}/part-{i:05d}.arrow", table.to_batches(), spec)
+        name = f"{prefix}/part-{i:05d}.arrow"
+        info = write_shard(folder, name, table.to_batches(), spec, compression=compression)
         if info is not None:
             infos.append(info)
     return SplitInfo(rows=sum(s.rows for s in infos), shards=infos)

@@ -135,6 +135,7 @@ class Manifest(BaseModel):
     schema_: dict[str, str] = Field(alias="schema")
     strategy: str = "random"
     key: str | None = None
+    compression: str = "none"  # of the files' buffers (Arrow IPC); readers need not know it
     source: dict[str, object] = Field(
         default_factory=dict, description="what the fingerprint was computed from"
     )

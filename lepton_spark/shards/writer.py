@@ -44,7 +44,9 @@ _RESULT_SCHEMA = "path string, rows long, bytes long, sha256 string, key_min str
 _SHARD_KEY = "_lepton_shard_key"
 
 
-def _writer(folder: Location, prefix: str, spec: FeatureSpec, key: str | None):
+def _writer(
+    folder: Location, prefix: str, spec: FeatureSpec, key: str | None, compression: str = "none"
+):
     """The mapInArrow function: write this task's partition as one shard file."""
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -55,7 +57,8 @@ def _writer(folder: Location, prefix: str, spec: FeatureSpec, key: str | None):
         # The task attempt in the name: a speculative or retried copy never overwrites the file
         # whose size and checksum the driver records.
         tries = ctx.attemptNumber() if ctx is not None else 0
-        info = write_shard(folder, f"{prefix}/part-{part:05d}-{tries}.arrow", batches, spec, key)
+        name = f"{prefix}/part-{part:05d}-{tries}.arrow"
+        info = write_shard(folder, name, batches, spec, key, compression)
         if info is not None:
             row = info.model_dump()
             # Key bounds travel as JSON text: one result schema whatever the key's type.
@@ -161,7 +164,8 @@ def write_split(
     cached = df.persist(StorageLevel.MEMORY_AND_DISK) if cfg.strategy == "random" else df
     try:
         parts = partition_for_shards(cached, shards, cfg)
-        result = parts.mapInArrow(_writer(folder, prefix, spec, key), _RESULT_SCHEMA).collect()
+        writer = _writer(folder, prefix, spec, key, cfg.compression)
+        result = parts.mapInArrow(writer, _RESULT_SCHEMA).collect()
     finally:
         if cached is not df:
             cached.unpersist()
@@ -218,6 +222,7 @@ def write_shards(
             key=cfg.key,
             source=source,
             num_workers=num_workers,
+            compression=cfg.compression,
         )
 
     return ShardSet(folder=place.uri, manifest=write_attempt(place, write))

@@ -99,6 +99,23 @@ def test_shards_round_trip_rows_values_and_dtypes(table, tmp_path):
     assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize("compression", ["lz4", "zstd"])
+def test_compressed_shards_read_back_the_same_rows_in_fewer_bytes(table, tmp_path, compression):
+    features, spec, _ = build_features(table, SPEC)
+    plain = write(features, spec, tmp_path / "plain")
+    packed = write(features, spec, tmp_path / compression, compression=compression)
+    assert packed.manifest.compression == compression and plain.manifest.compression == "none"
+    for name in ("train",):
+        split, plain_split = packed.manifest.split(name), plain.manifest.split(name)
+        got = read_rows(packed.folder, split)
+        pd.testing.assert_frame_equal(
+            sort_rows(got), sort_rows(read_rows(plain.folder, plain_split))
+        )
+        for shard in split.shards:  # checksums are of the bytes on disk, as for plain shards
+            verify_shard(packed.folder, shard)
+        assert sum(s.bytes for s in split.shards) < 0.9 * sum(s.bytes for s in plain_split.shards)
+
+
 def test_every_shard_goes_to_exactly_one_rank(table, tmp_path):
     features, spec, rows = build_features(table, SPEC)
     split = write(features, spec, tmp_path / "fp", rows_per_shard=700).manifest.split("train")
