@@ -31,7 +31,9 @@ SIG_HEADER = "X-Lepton-Sig"
 # up: once every rank said so, the service closes its port).
 OPS = ("set", "get", "add", "cas", "check", "wait", "delete", "num", "ready")
 TIMED_OUT = 408  # a get or wait whose keys did not come in time
-MAX_BODY_BYTES = 16 << 20  # store values are addresses and small ids: kilobytes
+MAX_BODY_BYTES = 1 << 20  # store values are addresses and small ids: kilobytes
+MAX_CONNECTIONS = 256  # a rank holds one per thread that uses the store
+IDLE_TIMEOUT_S = 60.0  # a connection silent this long between requests is closed
 
 
 def signature(secret: str, op: str, key: str, nonce: str, timeout_ms: int, body: bytes) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from lepton_spark.cluster.topology import Slot
+from lepton_spark.cluster.topology import Slot, slot_addresses
 
 
 def horovod_env(
@@ -81,7 +81,7 @@ class RendezvousService:
         )
         port = self._httpd.server_address[1]
         self._httpd.lepton_prefix = f"/{secret}:{port}/"
-        self._httpd.lepton_allowed = {s.host for s in slots}
+        self._httpd.lepton_allowed = slot_addresses(slots)
         self._httpd.lepton_refused = 0
         self._httpd.lepton_ready = set()
         self._httpd.lepton_size = len(slots)

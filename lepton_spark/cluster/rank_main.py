@@ -8,6 +8,8 @@ then leaves at once (:func:`leave`).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import io
 import os
@@ -90,6 +92,8 @@ def leave(code: int) -> None:
     library's threads can still abort the process after its work is done."""
     sys.stdout.flush()
     sys.stderr.flush()
+    with contextlib.suppress(OSError, AttributeError):  # C stdio too (NCCL's, gloo's output)
+        ctypes.CDLL(None).fflush(None)
     os._exit(code)
 
 

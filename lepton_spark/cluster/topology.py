@@ -66,3 +66,16 @@ def interface_for(address: str) -> str:
     if ipaddress.ip_address(ip).is_loopback:
         return "lo"
     raise BarrierError(f"no network interface holds {address} ({ip}); set spark.driver.host?")
+
+
+def slot_addresses(slots: list[Slot]) -> set[str]:
+    """The addresses a stage's slots connect from: each slot's host as Spark names it, and the
+    IP addresses it resolves to (Spark may name executors by hostname; a peer is seen by IP)."""
+    addresses = {s.host for s in slots}
+    for host in list(addresses):
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except OSError:
+            continue
+        addresses.update(str(info[4][0]) for info in infos)
+    return addresses

@@ -15,13 +15,14 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import socketserver
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable
 
 from lepton_spark import storewire
-from lepton_spark.cluster.topology import Slot
+from lepton_spark.cluster.topology import Slot, slot_addresses
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,13 @@ class _Table:
         with self.changed:
             return self.changed.wait_for(lambda: all(k in self.data for k in keys), timeout_s)
 
+    def get(self, key: str, timeout_s: float) -> bytes | None:
+        """The value once the key is there (``None``: not within ``timeout_s``)."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: key in self.data, timeout_s):
+                return None
+            return self.data[key]
+
     def add(self, key: str, amount: int) -> int:
         with self.changed:
             value = int(self.data.get(key, b"0")) + amount
@@ -85,6 +93,17 @@ class _Table:
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"  # one kept-alive connection per rank thread
+    timeout = storewire.IDLE_TIMEOUT_S  # on every read: a silent peer holds no thread for long
+
+    def setup(self) -> None:
+        super().setup()
+        self.accepted = self.server.open_connections(+1)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.open_connections(-1)
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("torch store: " + format, *args)
@@ -108,6 +127,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         server = self.server
+        if not self.accepted:
+            self._refuse(f"over the limit of {storewire.MAX_CONNECTIONS} connections")
+            return
         if self.client_address[0] not in server.allowed:
             self._refuse("from an address outside the stage")
             return
@@ -142,6 +164,7 @@ class _Server(http.server.ThreadingHTTPServer):
     def __init__(self, host: str, allowed: set[str], secret: str, size: int) -> None:
         super().__init__((host, 0), _Handler)
         self.allowed = allowed
+        self.connections = 0
         self.secret = secret
         self.size = size
         self.table = _Table()
@@ -150,6 +173,15 @@ class _Server(http.server.ThreadingHTTPServer):
         self.on_ready: Callable[[], None] = lambda: None
         self._nonces: set[str] = set()
         self._lock = threading.Lock()
+
+    def server_bind(self) -> None:
+        # HTTPServer's would look its own name up (getfqdn: seconds without reverse DNS).
+        socketserver.TCPServer.server_bind(self)
+
+    def open_connections(self, delta: int) -> bool:
+        with self._lock:
+            self.connections += delta
+            return delta < 0 or self.connections <= storewire.MAX_CONNECTIONS
 
     def refuse(self, client: str, why: str) -> None:
         with self._lock:
@@ -170,10 +202,8 @@ class _Server(http.server.ThreadingHTTPServer):
             table.set(key, body)
             return 200, b""
         if op == "get":
-            if not table.wait([key], timeout_s):
-                return storewire.TIMED_OUT, b""
-            with table.changed:
-                return 200, table.data[key]
+            value = table.get(key, timeout_s)
+            return (storewire.TIMED_OUT, b"") if value is None else (200, value)
         if op == "add":
             return 200, str(table.add(key, int(body or b"0"))).encode()
         if op == "cas":
@@ -209,7 +239,7 @@ class StoreService:
     """
 
     def __init__(self, host: str, slots: list[Slot], secret: str) -> None:
-        self._httpd = _Server(host, {s.host for s in slots}, secret, len(slots))
+        self._httpd = _Server(host, slot_addresses(slots), secret, len(slots))
         self._httpd.on_ready = self._close_soon
         self._closed = threading.Event()
         self._started = time.monotonic()

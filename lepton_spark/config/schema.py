@@ -574,6 +574,7 @@ class PipelineConfig(_Frozen):
             if k not in TrainConfig.OPERATIONAL and TrainConfig.ADDED_DEFAULTS.get(k, ...) != v
         }
         dump["shards"].pop("keep")  # housekeeping, not the model
+        dump["shards"].pop("compression")  # how the same rows are stored, not which
         return _digest(dump)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> PipelineConfig:

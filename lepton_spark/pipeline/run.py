@@ -32,7 +32,7 @@ from lepton_spark.tracking import artifacts
 from lepton_spark.tracking.run import TrackedRun
 from lepton_spark.tracking.tags import pipeline_tags
 from lepton_spark.tracking.target import TrackingTarget, resolve_tracking
-from lepton_spark.training.checkpoint import CHECKPOINT_NAME
+from lepton_spark.training.checkpoint import CHECKPOINT_NAME, SHARDED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,9 @@ def _finish(run: TrackedRun, cfg: PipelineConfig, timings: dict[str, float]) -> 
     artifact and its folder goes (training is over; MLflow holds the copy)."""
     artifacts.log_timings(run, timings)
     folder = steps.checkpoint_folder(cfg, run)
-    artifacts.keep_checkpoint(run, folder.child(CHECKPOINT_NAME))
+    # FSDP's record names a sharded folder beside it: that goes too, or the record holds nothing.
+    sharded = [folder.child(n) for n in folder.subfolders() if n.startswith(SHARDED_PREFIX)]
+    artifacts.keep_checkpoint(run, folder.child(CHECKPOINT_NAME), sharded)
     folder.delete_folder()
 
 

@@ -6,10 +6,12 @@ values; nothing here trains, scores or reads Spark.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from lepton_spark.names import (
     COMPRESS_ACCURACY_COST,
@@ -137,9 +139,10 @@ def log_timings(run: TrackedRun, timings: dict[str, float]) -> None:
     run.log_metrics({time_metric(k): v for k, v in timings.items()}, step=0)
 
 
-def keep_checkpoint(run: TrackedRun, source: Location) -> None:
-    """Log the checkpoint file ``source`` as the run's ``checkpoint/`` artifact (wherever it is:
-    a remote one is copied through a local file first)."""
+def keep_checkpoint(run: TrackedRun, source: Location, folders: Sequence[Location] = ()) -> None:
+    """Log the checkpoint file ``source`` as the run's ``checkpoint/`` artifact, with the
+    ``folders`` it names (FSDP's sharded state: ``checkpoint/<folder>/``), wherever they are (a
+    remote one is copied through a local file first)."""
     if not source.is_file():
         return
     with tempfile.TemporaryDirectory(prefix="lepton-checkpoint-") as tmp:
@@ -147,6 +150,17 @@ def keep_checkpoint(run: TrackedRun, source: Location) -> None:
         if not source.is_local:
             local.write_bytes(source.read_bytes())
         run.log_file(local, CHECKPOINT_ARTIFACT)
+        for folder in folders:
+            name = folder.path.rstrip("/").rsplit("/", 1)[-1]
+            infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
+            for info in infos:
+                if info.type != pafs.FileType.File:
+                    continue
+                part = Location(folder.fs, info.path)
+                file = Path(info.path) if folder.is_local else Path(tmp) / info.base_name
+                if not folder.is_local:
+                    file.write_bytes(part.read_bytes())
+                run.log_file(file, f"{CHECKPOINT_ARTIFACT}/{name}")
 
 
 def log_dataset(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -158,3 +159,79 @@ def remove_sharded(folder: str | Path | Location, keep: str | None) -> None:
     for name in place.subfolders():
         if name.startswith(SHARDED_PREFIX) and name != keep:
             place.child(name).delete_folder()
+
+
+# -- reading a sharded checkpoint without unpickling arbitrary objects -------------------------
+
+# What torch.distributed.checkpoint's ``.metadata`` pickle holds (torch 2.13, FileSystemWriter):
+# its metadata classes, torch's sizes, dtypes and layouts, the file names.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED_GLOBALS = {
+    (_DCP_METADATA, "Metadata"),
+    (_DCP_METADATA, "MetadataIndex"),
+    (_DCP_METADATA, "StorageMeta"),
+    (_DCP_METADATA, "TensorProperties"),
+    (_DCP_METADATA, "TensorStorageMetadata"),
+    (_DCP_METADATA, "BytesStorageMetadata"),
+    (_DCP_METADATA, "ChunkStorageMetadata"),
+    (_DCP_METADATA, "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Only the classes a checkpoint's metadata is made of (and torch's dtypes): a
+    ``.metadata`` that names anything else is refused, not run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(
+            f"a sharded checkpoint's metadata may not hold {module}.{name}"
+        )
+
+
+def sharded_reader(folder: str) -> Any:
+    """torch.distributed.checkpoint's reader of a local ``folder``, reading ``.metadata`` with
+    :class:`_MetadataUnpickler` (torch's own reader unpickles it whole)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(folder)
+
+
+def sharded_planner() -> Any:
+    """torch.distributed.checkpoint's load planner, reading the non-tensor values (the
+    optimizer's param groups) with ``torch.load(weights_only=True)`` (torch's own: False)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                path = self.mappings[read_item.dest_index.fqn]
+                set_element(self.original_state_dict, path, loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return Planner()

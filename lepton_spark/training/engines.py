@@ -38,6 +38,7 @@ from torch import nn
 
 from lepton_spark.config import TrainConfig
 from lepton_spark.errors import InputError
+from lepton_spark.training.checkpoint import sharded_planner, sharded_reader
 from lepton_spark.training.devices import choose_device
 from lepton_spark.training.store import GuardedStore
 
@@ -267,15 +268,21 @@ class TorchEngine(Engine):
                 # NCCL connects now, not at the first collective: the store closes below.
                 device_id=self.device if self.device.type == "cuda" else None,
             )
+            self._groups()  # every process group the engine needs, while the store is open
             dist.barrier()  # every rank's connections are made: the store may close
             store.ready(self.rank())
         elif "MASTER_ADDR" in os.environ:  # a launcher of the user's own (torchrun)
             dist.init_process_group(backend, init_method="env://", timeout=timeout)
+            self._groups()
         else:  # one rank of one, no Spark: nothing to connect to
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            self._groups()
         log.info(
             "rank %d of %d: torch.distributed %s (%s)", self.rank(), self.size(), backend, self.name
         )
+
+    def _groups(self) -> None:
+        """Make the process groups beyond the default one (they meet through the store)."""
 
     def rank(self) -> int:
         return int(self.dist.get_rank())
@@ -347,15 +354,23 @@ class TorchEngine(Engine):
 
 class FsdpEngine(TorchEngine):
     """``torch.distributed`` with FSDP2: each rank holds 1/N of the parameters, gradients and
-    optimizer state; the whole state is gathered for rank 0 and spread back as full state
-    dicts."""
+    optimizer state. Checkpoints keep each rank's part (``torch.distributed.checkpoint``); the
+    trained model is gathered whole for rank 0; a whole-state checkpoint of an older version is
+    spread back from rank 0."""
 
     name = "fsdp"
+
+    def _groups(self) -> None:
+        # FSDP's mesh, made now: left to fully_shard, torch may make a new process group for it
+        # (a GPU host with a gloo group) after the stage's store has closed.
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(self.device.type, (self.size(),))
 
     def wrap(
         self, model: nn.Module, make_optimizer: MakeOptimizer, device: torch.device
     ) -> tuple[nn.Module, Any]:
-        model = _fully_shard(model.to(device), self.mixed_precision)
+        model = _fully_shard(model.to(device), self.mixed_precision, self.mesh)
         return model, make_optimizer(model.parameters())
 
     @contextlib.contextmanager
@@ -415,7 +430,7 @@ class FsdpEngine(TorchEngine):
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=folder)
+        dcp.load(state, storage_reader=sharded_reader(folder), planner=sharded_planner())
         set_state_dict(
             model,
             optimizer,
@@ -469,7 +484,7 @@ def _check_stage(backend: str) -> None:
         )
 
 
-def _fully_shard(model: nn.Module, mixed_precision: bool) -> nn.Module:
+def _fully_shard(model: nn.Module, mixed_precision: bool, mesh: Any = None) -> nn.Module:
     """FSDP2 over the model's blocks, then the model itself (what is left: embeddings, heads).
 
     The blocks are what the model's ``fsdp_blocks()`` returns when it has one (a user factory's
@@ -488,8 +503,8 @@ def _fully_shard(model: nn.Module, mixed_precision: bool) -> nn.Module:
         else MixedPrecisionPolicy()
     )
     for block in fsdp_blocks(model):
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 

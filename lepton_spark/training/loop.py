@@ -193,11 +193,12 @@ class Resumed:
 
 def resume(spec: TrainSpec, engine: Engine, trainer: Trainer, steps: int | None = None) -> Resumed:
     """Load the run's checkpoint on rank 0 (if there is one), agree on the position, and give
-    every rank rank 0's model and optimizer state (:meth:`Engine.load_state`: FSDP ranks each
-    keep their shard of it, whatever the number of ranks that wrote it).
+    every rank its model and optimizer state: rank 0's whole state (:meth:`Engine.load_state`),
+    or, for a sharded checkpoint (FSDP), each rank's part read from the folder the record names
+    (:meth:`Engine.load_sharded`), whatever the number of ranks that wrote it.
 
     Nothing is unpickled from the network: rank 0's resume state (position, history, schedule;
-    the optimizer's state too, but for FSDP) goes to the other ranks as a tensor of
+    the optimizer's state too, for Horovod and DDP) goes to the other ranks as a tensor of
     ``torch.save`` bytes that they read with ``torch.load(weights_only=True)`` (tensors and plain
     values only), and the parameters as tensors (Horovod's ``broadcast_object`` /
     ``broadcast_optimizer_state`` would unpickle whatever arrives on a Gloo pair).
@@ -424,8 +425,9 @@ def checkpoint(
     history: list[dict[str, float]],
     position: Position,
 ) -> None:
-    """Rank 0 writes where training stands: the whole state, gathered by the engine (every rank
-    calls this: FSDP gathers the shards)."""
+    """Write where training stands (every rank calls this): the whole state, gathered by the
+    engine into rank 0's record, or (FSDP) each rank's part into a sharded folder, then rank 0's
+    record naming it."""
     if not spec.checkpoint_dir:
         return
     engine = trainer.engine

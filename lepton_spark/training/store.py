@@ -24,6 +24,7 @@ from lepton_spark import storewire
 
 RETRY_CONNECT_S = 30.0  # rank 0's task may start its service a moment after this rank asks
 NOT_IDEMPOTENT = frozenset({"add", "cas"})
+ANSWER_MARGIN_S = 30.0  # beyond an op's own wait, for the service to answer
 
 
 class StoreError(RuntimeError):
@@ -52,11 +53,19 @@ class GuardedStore(dist.Store):
 
     # -- the wire --------------------------------------------------------------------------------
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self, fresh: bool, timeout_s: float) -> http.client.HTTPConnection:
+        """This thread's connection; ``fresh``: a new one (the service closes idle ones, and
+        an op that must not be sent twice must not meet a connection closed under it)."""
         conn = getattr(self._local, "conn", None)
+        if conn is not None and fresh:
+            conn.close()
+            conn = None
         if conn is None:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=None)
+            conn = http.client.HTTPConnection(self._host, self._port)
             self._local.conn = conn
+        conn.timeout = timeout_s  # a service gone without a reset is not waited on forever
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout_s)
         return conn
 
     def _call(self, op: str, key: str = "", body: bytes = b"", timeout_ms: int = 0) -> bytes:
@@ -73,7 +82,7 @@ class GuardedStore(dist.Store):
                 ),
                 "Content-Length": str(len(body)),
             }
-            conn = self._connection()
+            conn = self._connection(op in NOT_IDEMPOTENT, timeout_ms / 1000 + ANSWER_MARGIN_S)
             try:
                 conn.request("POST", f"/{op}", body=body, headers=headers)
                 response = conn.getresponse()
@@ -129,6 +138,10 @@ class GuardedStore(dist.Store):
 
     def num_keys(self) -> int:
         return int(self._call("num"))
+
+    # torch's C++ side calls a Python store by its C++ names for these two.
+    getNumKeys = num_keys
+    deleteKey = delete_key
 
     def ready(self, rank: int) -> None:
         """This rank's process group is up (the service closes once every rank said so).

@@ -95,6 +95,11 @@ def test_the_guarded_store_keeps_torchs_store_semantics():
         assert store.check(["late", "n"]) and not store.check(["late", "missing"])
         assert store.delete_key("n") and not store.delete_key("n")
         assert store.num_keys() == 2
+        # What torch itself calls: through a PrefixStore (init_process_group's), by C++ names.
+        prefixed = dist.PrefixStore("group", store)  # keys "group/..."
+        prefixed.set("k", b"v")
+        assert prefixed.get("k") == b"v" and store.get("group/k") == b"v"
+        assert prefixed.num_keys() == 3 and prefixed.delete_key("k")
         with pytest.raises(dist.DistStoreError, match="timed out"):
             store.wait(["never"], datetime.timedelta(milliseconds=300))
         wrong = GuardedStore(where, "not-the-secret", store.timeout)

@@ -176,3 +176,13 @@ def test_the_engine_fields_at_their_defaults_keep_a_run_keys_fingerprint():
         assert cfg.with_overrides({f"train.{field}": value}).training_fingerprint() == fingerprint
     for changed in ({"train.backend": "ddp"}, {"train.accumulate_steps": 2}):
         assert cfg.with_overrides(changed).training_fingerprint() != fingerprint
+
+
+def test_the_demos_run_key_fingerprint_is_what_earlier_versions_computed():
+    """Pinned: a field added to the config must leave this hash as it was at its default (an
+    unfinished keyed run of an earlier version resumes). c3590783a678f1cd is what 0.2.0 (before
+    ``shards.compression``) computed; how the shards are stored does not change it at all."""
+    cfg = load_config(ROOT / "pipelines" / "tabular_demo.yaml")
+    assert cfg.training_fingerprint() == "c3590783a678f1cd"
+    zstd = cfg.with_overrides({"shards.compression": "zstd"})
+    assert zstd.training_fingerprint() == "c3590783a678f1cd"

@@ -32,6 +32,14 @@ def test_the_demo_trains_with_the_engine_and_resumes_a_killed_rank(
     assert clean.metrics["val/accuracy"] > 0.8  # the demo's rule is learnable in 2 epochs
     run = MlflowClient(clean.tracking_uri).get_run(clean.run_id)
     assert run.data.params["train.backend"] == backend
+    # The run keeps the last checkpoint whole: FSDP's record and the sharded folder it names.
+    client = MlflowClient(clean.tracking_uri)
+    kept = [a.path for a in client.list_artifacts(clean.run_id, "checkpoint")]
+    assert "checkpoint/checkpoint.pt" in kept
+    if backend == "fsdp":
+        [sharded] = [p for p in kept if p.startswith("checkpoint/sharded-")]
+        parts = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(clean.run_id, sharded)}
+        assert parts == {".metadata", "__0_0.distcp", "__1_0.distcp"}
 
     seen: list[events.Event] = []
     faulty = demo_config.with_overrides({**base, "train.fault_inject": "kill:1:50"})
@@ -81,5 +89,7 @@ def test_an_fsdp_checkpoint_written_by_two_ranks_resumes_on_one(spark, tmp_path,
     history = results[0].history
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[:2] == first[0].history  # the two ranks' epochs, carried over
-    assert history[3]["train/loss"] < history[1]["train/loss"]  # and on from where they were
+    # On from where they were: a model that loaded nothing would start again at epoch 1's loss.
+    assert history[2]["train/loss"] < history[0]["train/loss"]
+    assert history[3]["train/loss"] < history[1]["train/loss"]
     assert results[0].steps_per_epoch == 2 * first[0].steps_per_epoch  # one rank: all the rows
