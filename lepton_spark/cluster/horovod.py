@@ -7,8 +7,7 @@ initialised; every rank's child process gets :func:`horovod_env`, which ``hvd.in
 
 from __future__ import annotations
 
-import threading
-
+from lepton_spark.cluster.startup import StartupServer
 from lepton_spark.cluster.topology import Slot, slot_addresses
 
 
@@ -46,7 +45,7 @@ def horovod_env(
     return env
 
 
-class RendezvousService:
+class RendezvousService(StartupServer):
     """Horovod's Gloo rendezvous HTTP server, bound to one address, for one stage's start-up.
 
     It answers only the stage's slot addresses, and only requests whose path carries the
@@ -62,10 +61,10 @@ class RendezvousService:
         from horovod.runner.common.util.hosts import SlotInfo
         from horovod.runner.http.http_server import RendezvousHTTPServer
 
-        self._httpd = RendezvousHTTPServer((host, 0), _guarded_handler(), 0)
-        self._httpd.daemon_threads = True  # a slow client never holds up a stop
-        self._httpd.block_on_close = False
-        self._httpd.init(
+        httpd = RendezvousHTTPServer((host, 0), _guarded_handler(), 0)
+        httpd.daemon_threads = True  # a slow client never holds up a stop
+        httpd.block_on_close = False
+        httpd.init(
             [
                 SlotInfo(
                     hostname=s.host,
@@ -79,44 +78,19 @@ class RendezvousService:
                 for s in slots
             ]
         )
-        port = self._httpd.server_address[1]
-        self._httpd.lepton_prefix = f"/{secret}:{port}/"
-        self._httpd.lepton_allowed = slot_addresses(slots)
-        self._httpd.lepton_refused = 0
-        self._httpd.lepton_ready = set()
-        self._httpd.lepton_size = len(slots)
-        self._httpd.lepton_on_done = self._close_soon
-        self._closed = threading.Event()
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="horovod-rendezvous", daemon=True
-        )
-        self._thread.start()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._httpd.server_address[:2]
-        return str(host), int(port)
+        port = httpd.server_address[1]
+        httpd.lepton_prefix = f"/{secret}:{port}/"
+        httpd.lepton_allowed = slot_addresses(slots)
+        httpd.lepton_refused = 0
+        httpd.lepton_ready = set()
+        httpd.lepton_size = len(slots)
+        httpd.lepton_on_done = self.close_soon
+        super().__init__(httpd, "horovod-rendezvous")
 
     @property
     def refused(self) -> int:
         """Requests turned away: from an address not in the stage, or without its secret."""
-        return int(self._httpd.lepton_refused)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    def _close_soon(self) -> None:
-        threading.Thread(target=self.stop, name="horovod-rendezvous-close", daemon=True).start()
-
-    def stop(self) -> None:
-        """Stop serving and close the port; never waits on a client (idempotent)."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        return int(self._httpd.lepton_refused)  # type: ignore[attr-defined]
 
 
 READY_SCOPE = "lepton_ready"  # training.worker.tell_rendezvous_ready writes under it

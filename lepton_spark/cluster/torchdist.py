@@ -17,11 +17,11 @@ import json
 import logging
 import socketserver
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable
 
 from lepton_spark import storewire
+from lepton_spark.cluster.startup import StartupServer
 from lepton_spark.cluster.topology import Slot, slot_addresses
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class _Server(http.server.ThreadingHTTPServer):
         return 200, b""
 
 
-class StoreService:
+class StoreService(StartupServer):
     """torch.distributed's store for one stage's start-up, served by rank 0's task.
 
     It answers only the stage's slot addresses, and only requests signed with the stage's secret
@@ -239,41 +239,11 @@ class StoreService:
     """
 
     def __init__(self, host: str, slots: list[Slot], secret: str) -> None:
-        self._httpd = _Server(host, slot_addresses(slots), secret, len(slots))
-        self._httpd.on_ready = self._close_soon
-        self._closed = threading.Event()
-        self._started = time.monotonic()
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="torch-store", daemon=True
-        )
-        self._thread.start()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._httpd.server_address[:2]
-        return str(host), int(port)
+        httpd = _Server(host, slot_addresses(slots), secret, len(slots))
+        httpd.on_ready = self.close_soon
+        super().__init__(httpd, "torch-store")
 
     @property
     def refused(self) -> int:
         """Requests turned away: from an address not in the stage, unsigned, or replayed."""
-        return int(self._httpd.refused)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    def _close_soon(self) -> None:
-        log.info(
-            "torch store: every rank is connected after %.1f s; closing its port",
-            time.monotonic() - self._started,
-        )
-        threading.Thread(target=self.stop, name="torch-store-close", daemon=True).start()
-
-    def stop(self) -> None:
-        """Stop serving and close the port; never waits on a client (idempotent)."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        return int(self._httpd.refused)  # type: ignore[attr-defined]

@@ -1,0 +1,51 @@
+"""A server that lives only for a barrier stage's start-up (Horovod's rendezvous, the
+torch.distributed store): served on a thread of rank 0's task, closed by itself once every rank
+is connected, or by the task when the stage ends."""
+
+from __future__ import annotations
+
+import logging
+import socketserver
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+
+class StartupServer:
+    """Serves ``httpd`` until every rank is in (:meth:`close_soon`) or :meth:`stop`."""
+
+    def __init__(self, httpd: socketserver.BaseServer, name: str) -> None:
+        self._httpd = httpd
+        self._name = name
+        self._closed = threading.Event()
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=httpd.serve_forever, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]  # type: ignore[misc]
+        return str(host), int(port)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close_soon(self) -> None:
+        """Every rank is connected: close the port, from another thread (a handler calls it)."""
+        log.info(
+            "%s: every rank is connected after %.1f s; closing its port",
+            self._name,
+            time.monotonic() - self._started,
+        )
+        threading.Thread(target=self.stop, name=f"{self._name}-close", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop serving and close the port; never waits on a client (idempotent)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
