@@ -3,7 +3,11 @@
 Both sides build the same cached DataFrame on a ``local[2]`` Spark, then time (1) materializing it
 (ours: ``write_shards``, executors writing checksummed Arrow shards; Petastorm:
 ``make_spark_converter``, Spark writing Parquet) and (2) reading one epoch as torch batches
-(ours: ``ShardLoader``; Petastorm: ``make_torch_dataloader``), unshuffled as Petastorm's default.
+(ours: ``ShardLoader`` as one rank of one reads its dealt rows; Petastorm:
+``make_torch_dataloader``), unshuffled as Petastorm's default. Where our materialize time goes is
+recorded too (``materialize_stages``: the driver's wall time, and the executors' seconds by stage
+summed over tasks: rows computed and sent to Python, packing, the in-file shuffle, the IPC write,
+the checksum).
 Each side materializes twice: cold (the session's first writing job) and warm (a second, fresh
 write); the reads come after.
 
@@ -23,7 +27,7 @@ from pathlib import Path
 from benchmarks._common import SPEC, WORK, report, run_json
 from benchmarks._frame import local_spark, make_frame
 from lepton_spark.config import ShardConfig
-from lepton_spark.shards.loader import Layout, ShardLoader
+from lepton_spark.shards.loader import Layout, ShardLoader, loader_files
 from lepton_spark.shards.writer import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +37,7 @@ PETASTORM_PYTHON = ROOT / ".venv-petastorm" / "bin" / "python"
 def ours(rows: int, batch: int) -> dict[str, float]:
     spark = local_spark("lepton side")
     df = make_frame(spark, rows)
-    materialize = []
+    materialize, stages = [], {}
     for attempt in ("cold", "warm"):  # cold: the first Python workers start inside the write
         folder = WORK / "bench" / f"vs-petastorm-{attempt}"
         shutil.rmtree(folder, ignore_errors=True)
@@ -48,18 +52,21 @@ def ours(rows: int, batch: int) -> dict[str, float]:
             fingerprint="vs-petastorm",
         )
         materialize.append(time.perf_counter() - started)
+        stages[attempt] = {"wall_s": materialize[-1], **shard_set.task_seconds}
     spark.stop()
     split = shard_set.manifest.split("train")
     timings = {}
     for shuffle in (False, True):
         started = time.perf_counter()
+        files, share = loader_files(split, 0, 1)
         loader = ShardLoader(  # includes checking every shard's sha256, as a rank does
             shard_set.folder,
-            split.shards,
+            files,
             layout=Layout.of(SPEC),
             batch_size=batch,
             shuffle=shuffle,
             drop_last=False,
+            share=share,
         )
         seen = sum(len(b) for b in loader.epoch(0))
         timings["read_shuffled_s" if shuffle else "read_s"] = time.perf_counter() - started
@@ -68,6 +75,8 @@ def ours(rows: int, batch: int) -> dict[str, float]:
         "rows": rows,
         "materialize_cold_s": materialize[0],
         "materialize_s": materialize[1],
+        "materialize_stages": stages,
+        "files": len(split.shards),
         **timings,
     }
 

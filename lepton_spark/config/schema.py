@@ -221,23 +221,29 @@ class SplitConfig(_Frozen):
 class ShardConfig(_Frozen):
     """How the prepared data is cut into Arrow shards.
 
-    ``random`` (seeded) gives shards equal to within one row; ``hash`` keeps every row of a key in
-    one shard; ``range`` gives each shard a contiguous range of the key, rows sorted by it. Size by
+    ``random`` writes every Spark partition where it is (no exchange, rows shuffled inside each
+    batch) and leaves balance to the reader: every epoch each rank is dealt an equal number of
+    rows, a seeded selection of row blocks from all files (``train.seed``, new every epoch).
+    ``hash`` keeps every row of a key in one shard; ``range`` gives each shard a contiguous range
+    of the key, rows sorted by it (both: one exchange, whole shards per rank). Size by
     ``rows_per_shard`` or ``bytes_per_shard`` (not both; 250,000 rows when neither is given).
     """
 
     root: str = ".lepton/shards"
     """Where shard folders go: a local path or a ``pyarrow.fs`` URI (``s3://``, ``hdfs://``)."""
     strategy: Literal["random", "hash", "range"] = "random"
-    """random (seeded, equal shards) | hash (a key's rows in one shard) | range (ordered)."""
+    """random (no exchange; equal rows per rank, dealt afresh every epoch) | hash (a key's rows in
+    one shard) | range (ordered)."""
     key: str | None = None
     """The column ``hash`` and ``range`` shard by."""
     rows_per_shard: int | None = Field(None, gt=0)
-    """Rows per shard file (rounded so that every rank gets as many shards)."""
+    """Rows per shard file: ``random``, at most this many (a partition's rows roll over to a new
+    file); ``hash``/``range``, the number of shards (rounded to a multiple of the ranks)."""
     bytes_per_shard: int | None = Field(None, gt=0)
     """Bytes per shard file, from the fixed row width (instead of ``rows_per_shard``)."""
     seed: int = 0
-    """Seed of the random strategy."""
+    """Seed of the random strategy's row order inside each file (the reader's deal of rows to
+    ranks follows ``train.seed``)."""
     skew_warning: float = Field(1.25, gt=1.0)
     """Warn when a rank gets more than this × the mean training rows."""
     keep: int = Field(5, ge=1)

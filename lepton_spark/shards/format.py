@@ -1,17 +1,21 @@
 """The shard file format: an Arrow IPC file with a packed, fixed-width layout. No Spark.
 
-A shard is an Arrow IPC *file* (random access, memory-mappable, uncompressed) with the packed layout
+A shard is an Arrow IPC *file* (random access, memory-mappable; its buffers compressed only when
+``shards.compression`` asks) with the packed layout
 the loader reads without copying: ``numeric`` as ``fixed_size_list<float32>[n_numeric]``,
 ``categorical`` as ``fixed_size_list<int64>[n_categorical]``, ``label`` as ``int64`` (``float32``
 for regression), and where the spec has them ``weight`` (``float32``), one
 ``fixed_size_list<float32>`` per array feature and one ``fixed_size_list<int64>`` per text feature
-(see :mod:`lepton_spark.spec`). Spark executors write shards through :func:`write_shard`
+(see :mod:`lepton_spark.spec`). Spark executors write shards through :func:`write_files`
 (:mod:`lepton_spark.shards.writer`); so do tools with no Spark (:mod:`lepton_spark.shards.local`).
+The manifest lists every file's record batches (their rows): readers deal row blocks by them
+(:mod:`lepton_spark.shards.deal`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,43 +118,140 @@ def write_shard(
     spec: FeatureSpec,
     key: str | None = None,
     compression: str = "none",
+    *,
+    batch_rows: int | None = None,
+    permute: np.random.Generator | None = None,
+    clock: dict[str, float] | None = None,
 ) -> ShardInfo | None:
     """Write flat record batches as one packed shard at ``folder/relpath``, its buffers
     compressed with ``compression`` (``none``, ``lz4`` or ``zstd``: readers need no flag).
 
-    Returns its manifest entry (with the smallest and largest ``key`` when one is named), or
-    ``None`` (and no file) when there were no rows.
+    ``batch_rows`` cuts the file's record batches to at most that many rows (each incoming batch
+    is cut on its own: no copy); ``permute`` puts each incoming batch's rows in a random order
+    first (one gather). Returns its manifest entry (with the rows of each record batch, and the
+    smallest and largest ``key`` when one is named), or ``None`` (and no file) when there were
+    no rows. ``clock`` gets the seconds spent waiting for the input (``input``: on Spark, the
+    rows computed and sent to Python), ``pack``, ``permute``, ``write`` and ``checksum``.
     """
+    clock = {} if clock is None else clock
+    tick = time.perf_counter
+
+    def spent(stage: str, since: float) -> float:
+        now = tick()
+        clock[stage] = clock.get(stage, 0.0) + now - since
+        return now
+
     schema = shard_schema(spec)
     place = locate(folder).child(relpath)
     place.fs.create_dir(place.path.rsplit("/", 1)[0], recursive=True)
-    rows = 0
+    counts: list[int] = []
     lows, highs = [], []
     options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
     with (
         place.fs.open_output_stream(place.path) as sink,
         pa.ipc.new_file(sink, schema, options=options) as out,
     ):
+        now = tick()
         for batch in batches:
+            now = spent("input", now)
             if not batch.num_rows:
                 continue
-            out.write_batch(pack_batch(batch, spec, schema))
-            rows += batch.num_rows
+            packed = pack_batch(batch, spec, schema)
+            now = spent("pack", now)
+            if permute is not None:
+                packed = packed.take(pa.array(permute.permutation(packed.num_rows)))
+                now = spent("permute", now)
+            step = batch_rows or packed.num_rows
+            for start in range(0, packed.num_rows, step):
+                piece = packed.slice(start, step)
+                out.write_batch(piece)
+                counts.append(piece.num_rows)
             if key is not None:
                 bounds = pc.min_max(batch.column(key))
                 lows.append(bounds["min"].as_py())
                 highs.append(bounds["max"].as_py())
-    if rows == 0:
+            now = spent("write", now)
+    if not counts:
         place.fs.delete_file(place.path)
         return None
+    now = tick()
+    size, digest = place.size(), place.sha256()
+    spent("checksum", now)
     return ShardInfo(
         path=relpath,
-        rows=rows,
-        bytes=place.size(),
-        sha256=place.sha256(),
+        rows=sum(counts),
+        bytes=size,
+        sha256=digest,
         key_min=_bound(min, lows),
         key_max=_bound(max, highs),
+        batches=tuple(counts),
     )
+
+
+class _Stream:
+    """Record batches taken ``n`` rows at a time (a batch that crosses the line is sliced)."""
+
+    def __init__(self, batches: Iterable[pa.RecordBatch]) -> None:
+        self._batches = iter(batches)
+        self._head: pa.RecordBatch | None = None
+
+    def more(self) -> bool:
+        while self._head is None or not self._head.num_rows:
+            self._head = next(self._batches, None)
+            if self._head is None:
+                return False
+        return True
+
+    def take(self, n: int) -> Iterator[pa.RecordBatch]:
+        while n > 0 and self.more():
+            head = self._head
+            assert head is not None
+            if head.num_rows <= n:
+                self._head = None
+                n -= head.num_rows
+                yield head
+            else:
+                yield head.slice(0, n)
+                self._head = head.slice(n)
+                n = 0
+
+
+def write_files(
+    folder: str | Path | Location,
+    name: Callable[[int], str],
+    batches: Iterable[pa.RecordBatch],
+    spec: FeatureSpec,
+    *,
+    max_rows: int,
+    key: str | None = None,
+    compression: str = "none",
+    batch_rows: int | None = None,
+    permute: np.random.Generator | None = None,
+    clock: dict[str, float] | None = None,
+) -> list[ShardInfo]:
+    """One pass over ``batches``: shard files of at most ``max_rows`` rows each, the ``k``-th at
+    ``folder/name(k)`` (see :func:`write_shard` for the rest)."""
+    if max_rows <= 0:
+        raise ValueError(f"max_rows must be positive, got {max_rows}")
+    stream = _Stream(batches)
+    infos = []
+    k = 0
+    while stream.more():
+        info = write_shard(
+            folder,
+            name(k),
+            stream.take(max_rows),
+            spec,
+            key,
+            compression,
+            batch_rows=batch_rows,
+            permute=permute,
+            clock=clock,
+        )
+        if info is not None:
+            infos.append(info)
+        k += 1
+    return infos
 
 
 def _bound(pick: Any, values: list[Any]) -> Any:

@@ -4,9 +4,14 @@ Local shards are memory-mapped; the packed ``numeric`` and ``categorical`` colum
 ``label`` become torch tensors that share the mapped buffers (no copy), and unshuffled batches are
 slices of them. Shards on other filesystems (``pyarrow.fs`` URIs) are read a record batch at a time.
 
-With shuffling on, every epoch (same seed and epoch, same order) visits the rank's shards in a
-random order, each shard's record batches in a random order, and mixes rows through a shuffle
-buffer of ``shuffle_buffer`` rows that spans record batches and shards. Only the shards in flight
+A split dealt by row blocks (``SplitInfo.deal == "blocks"``, the ``random`` strategy) is read
+through a :class:`Share`: every epoch this rank reads the row ranges
+:func:`~lepton_spark.shards.deal.rank_ranges` deals it (``rows // size`` rows, from every file,
+new each epoch), as zero-copy slices of record batches. A split of whole shards per rank
+(``hash``, ``range``, format 2) is read shard by shard. With shuffling on, every epoch (same seed
+and epoch, same order) visits the ranges (or the rank's shards and each one's record batches) in a
+random order and mixes rows through a shuffle buffer of ``shuffle_buffer`` rows that spans record
+batches and shards. Only the shards in flight
 are open, so memory does not grow with the dataset. On CUDA, and for shards on remote filesystems, a
 background thread reads, shuffles and pins the next chunks while the GPU or the network works; on a
 busy CPU with local shards the loader runs inline, which measured faster (``benchmarks/data_path``:
@@ -20,6 +25,7 @@ import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -29,7 +35,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lepton_spark.shards.manifest import Manifest, ShardInfo, verify_shard
+from lepton_spark.shards.deal import RowIndex, contiguous, rank_ranges
+from lepton_spark.shards.manifest import Manifest, ShardInfo, SplitInfo, verify_shard
 from lepton_spark.shards.storage import Location, locate
 from lepton_spark.spec import (
     ARRAY_PREFIX,
@@ -189,6 +196,27 @@ def _slice(batch: Batch, start: int, stop: int) -> Batch:
 Tail = Literal["drop", "pad"]
 
 
+@dataclass(frozen=True)
+class Share:
+    """This rank's part of a split dealt by row blocks (see :mod:`lepton_spark.shards.deal`).
+
+    ``every_row``: the contiguous ``rank``-th of the rows, every row of the split exactly once over
+    the ranks (validation, k-means); otherwise ``rows // size`` rows dealt afresh every epoch from
+    ``seed`` (the same on every rank).
+    """
+
+    rank: int
+    size: int
+    seed: int = 0
+    every_row: bool = False
+
+    def rows(self, split_rows: int) -> int:
+        if self.every_row:
+            start, stop = contiguous(split_rows, self.rank, self.size)
+            return stop - start
+        return split_rows // self.size
+
+
 class ShardLoader:
     """Batches of ``batch_size`` rows from a list of shards, epoch by epoch.
 
@@ -198,6 +226,10 @@ class ShardLoader:
     when ``drop_last``); with ``tail="pad"`` a rank that runs out starts over on its rows (a new
     shuffled pass) until it has made ``steps`` full batches. Shards are checked against the
     manifest (size, and sha256 when ``verify``) when the loader is made.
+
+    With a ``share``, ``shards`` are all of the split's files and the loader reads this rank's
+    dealt rows of them; each rank checksums every ``size``-th file (all ranks check sizes), so
+    the ranks together read every byte once, and a mismatch on any rank fails the stage.
     """
 
     def __init__(
@@ -217,6 +249,7 @@ class ShardLoader:
         prefetch: int | None = None,
         pin_memory: bool = False,
         on_verified: Callable[[int], None] | None = None,
+        share: Share | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -224,10 +257,13 @@ class ShardLoader:
             raise ValueError("tail='pad' needs the number of steps per epoch")
         self.places = []
         for i, shard in enumerate(shards):  # reads every byte when verifying: report as it goes
-            self.places.append(verify_shard(folder, shard, checksum=verify))
+            mine = share is None or i % share.size == share.rank
+            self.places.append(verify_shard(folder, shard, checksum=verify and mine))
             if on_verified is not None:
                 on_verified(i)
-        self.rows = sum(s.rows for s in shards)
+        self.share = share
+        self.index = RowIndex(shards) if share is not None else None
+        self.rows = sum(s.rows for s in shards) if share is None else share.rows(self.index.rows)
         if tail == "pad" and steps and not self.rows:
             raise ValueError(f"tail='pad' cannot make {steps} batches from no rows")
         self.layout = layout
@@ -297,10 +333,55 @@ class ShardLoader:
             generator = torch.Generator().manual_seed(
                 (self.seed * 1_000_003 + epoch) * 1_009 + passes
             )
-            yield from self._one_pass(generator) if self.shuffle else self._in_order()
+            if self.share is not None:
+                yield from self._dealt(self.share, epoch, passes - 1, generator)
+            else:
+                yield from self._one_pass(generator) if self.shuffle else self._in_order()
             if self.tail != "pad":
                 return
             passes += 1
+
+    def _ranges(self, share: Share, epoch: int, turn: int) -> list[tuple[int, int]]:
+        assert self.index is not None
+        if share.every_row:
+            return [contiguous(self.index.rows, share.rank, share.size)]
+        return rank_ranges(
+            self.index.rows,
+            share.rank,
+            share.size,
+            seed=share.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            turn=turn,
+        )
+
+    def _dealt(
+        self, share: Share, epoch: int, turn: int, generator: torch.Generator
+    ) -> Iterator[Batch]:
+        """This rank's dealt rows of the epoch: slices of record batches, mixed when shuffling."""
+        assert self.index is not None
+        pool: list[Batch] = []
+        pool_rows = 0
+        with ExitStack() as files:
+            readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
+            for start, stop in self._ranges(share, epoch, turn):
+                for piece in self.index.pieces(start, stop):
+                    reader = readers.get(piece.file)
+                    if reader is None:
+                        source = files.enter_context(self.places[piece.file].open_for_reading())
+                        reader = readers[piece.file] = pa.ipc.open_file(source)
+                    rb = reader.get_batch(piece.batch).slice(piece.start, piece.stop - piece.start)
+                    part = _to_batch(rb, self.layout)
+                    if not self.shuffle:
+                        yield part
+                        continue
+                    pool.append(part)
+                    pool_rows += len(part)
+                    if pool_rows >= self.shuffle_buffer:
+                        yield _mixed(pool, generator)
+                        pool, pool_rows = [], 0
+            if pool:
+                yield _mixed(pool, generator)
 
     def _in_order(self) -> Iterator[Batch]:
         for place in self.places:
@@ -390,6 +471,16 @@ def _prefetched(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def loader_files(
+    split: SplitInfo, rank: int, size: int, seed: int = 0, every_row: bool = False
+) -> tuple[list[ShardInfo], Share | None]:
+    """The files rank ``rank`` of ``size`` opens, and its :class:`Share` when the split is dealt
+    by row blocks (``None``: these whole shards are its rows)."""
+    if split.deal == "blocks":
+        return list(split.shards), Share(rank, size, seed, every_row)
+    return split.for_rank(rank, size), None
 
 
 def read_split(folder: str | Path | Location, manifest: Manifest, split: str) -> Iterator[Batch]:

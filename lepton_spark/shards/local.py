@@ -8,8 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from lepton_spark.shards.commit import make_manifest, write_attempt
+from lepton_spark.shards.deal import BLOCK_ROWS
 from lepton_spark.shards.format import write_shard
-from lepton_spark.shards.manifest import Manifest, SplitInfo
+from lepton_spark.shards.manifest import Deal, Manifest, SplitInfo
 from lepton_spark.shards.storage import Location
 from lepton_spark.spec import FeatureSpec
 
@@ -20,15 +21,19 @@ def write_local_shards(
     spec: FeatureSpec,
     fingerprint: str = "local",
     compression: str = "none",
+    deal: Deal = "shards",
 ) -> Manifest:
     """Write and commit a shard folder from flat tables, one shard each (no Spark).
 
-    For tests, benchmarks and tools on machines without Spark.
+    ``deal="shards"``: each rank reads whole tables (as ``hash`` shards); ``"blocks"``: the ranks
+    are dealt row blocks of all of them, as the Spark writer's ``random`` strategy (record batches
+    of :data:`~lepton_spark.shards.deal.BLOCK_ROWS` rows). For tests, benchmarks and tools on
+    machines without Spark.
     """
 
     def write(attempt: str) -> Manifest:
         infos = {
-            name: _write_tables(folder, f"{attempt}/{name}", tables, spec, compression)
+            name: _write_tables(folder, f"{attempt}/{name}", tables, spec, compression, deal)
             for name, tables in splits.items()
         }
         return make_manifest(fingerprint, spec, infos, compression=compression)
@@ -42,11 +47,15 @@ def _write_tables(
     tables: Iterable[pa.Table],
     spec: FeatureSpec,
     compression: str,
+    deal: Deal,
 ) -> SplitInfo:
     infos = []
+    batch_rows = BLOCK_ROWS if deal == "blocks" else None
     for i, table in enumerate(tables):
         name = f"{prefix}/part-{i:05d}.arrow"
-        info = write_shard(folder, name, table.to_batches(), spec, compression=compression)
+        info = write_shard(
+            folder, name, table.to_batches(), spec, compression=compression, batch_rows=batch_rows
+        )
         if info is not None:
             infos.append(info)
-    return SplitInfo(rows=sum(s.rows for s in infos), shards=infos)
+    return SplitInfo(rows=sum(s.rows for s in infos), shards=infos, deal=deal)

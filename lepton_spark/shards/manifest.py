@@ -9,6 +9,7 @@ no MLflow: ranks read it.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import os
 from pathlib import Path
@@ -20,8 +21,13 @@ from lepton_spark.errors import ShardError
 from lepton_spark.shards.storage import Location, locate
 from lepton_spark.spec import FeatureSpec
 
+log = logging.getLogger(__name__)
+
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 2: whole shards dealt to ranks, no record batch counts
+
+Deal = Literal["shards", "blocks"]
 
 Tail = Literal["drop", "pad"]
 KeyValue = int | float | str | None
@@ -36,6 +42,9 @@ class ShardInfo(BaseModel):
     sha256: str
     key_min: KeyValue = Field(None, description="range strategy: the smallest key in the shard")
     key_max: KeyValue = None
+    batches: tuple[int, ...] = Field(
+        (), description="rows of each record batch, in file order (empty in format 2)"
+    )
 
 
 class SkewReport(BaseModel):
@@ -51,13 +60,22 @@ class SkewReport(BaseModel):
 
 
 class SplitInfo(BaseModel):
+    """One split's files, and how its rows are dealt to the ranks.
+
+    ``deal="blocks"`` (the ``random`` strategy): every rank reads ``rows // size`` rows, a seeded
+    selection of row blocks from all files, new every epoch (:mod:`lepton_spark.shards.deal`).
+    ``deal="shards"`` (``hash``, ``range``, format 2, shards written without Spark): whole files
+    per rank, balanced by rows (:meth:`assignment`), so a key's rows stay on one rank.
+    """
+
     model_config = ConfigDict(frozen=True)
 
     rows: int
     shards: list[ShardInfo]
+    deal: Deal = "shards"
 
     def assignment(self, size: int) -> list[list[ShardInfo]]:
-        """Shards per rank, balancing rows: largest shard first to the rank with fewest rows.
+        """Whole shards per rank, balancing rows: largest first to the rank with fewest rows.
 
         Deterministic (ties go to the lower path and the lower rank); with equal shards it deals
         them out in turn. Together the ranks cover every shard exactly once.
@@ -79,6 +97,9 @@ class SplitInfo(BaseModel):
         return self.assignment(size)[rank]
 
     def rows_per_rank(self, size: int) -> list[int]:
+        """Training rows per rank and epoch (``blocks``: the global remainder is left out)."""
+        if self.deal == "blocks":
+            return [self.rows // size] * size
         return [sum(s.rows for s in shards) for shards in self.assignment(size)]
 
     def training_problem(self, size: int, batch_size: int, tail: Tail = "drop") -> str | None:
@@ -164,12 +185,24 @@ def read_manifest(folder: str | Path | Location) -> Manifest:
         manifest = Manifest.model_validate_json(place.read_text())
     except ValueError as err:
         raise ShardError(f"{place.uri}: unreadable manifest: {err}") from None
-    if manifest.format_version != FORMAT_VERSION:
+    if manifest.format_version not in READABLE_VERSIONS:
         raise ShardError(
             f"{place.uri}: shard format {manifest.format_version}, this version reads "
-            f"{FORMAT_VERSION}; rebuild the shards (--rebuild-shards)"
+            f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild the shards (--rebuild-shards)"
+        )
+    if manifest.format_version < FORMAT_VERSION and not _OLD_SEEN.get(place.uri):
+        _OLD_SEEN[place.uri] = True
+        log.info(
+            "%s: shard format %d, read as written (whole shards per rank, the same rows every "
+            "epoch); a new run writes format %d (a fresh deal of row blocks every epoch)",
+            place.uri,
+            manifest.format_version,
+            FORMAT_VERSION,
         )
     return manifest
+
+
+_OLD_SEEN: dict[str, bool] = {}
 
 
 def sha256_file(path: str | Path | Location) -> str:

@@ -26,7 +26,7 @@ from lepton_spark.errors import InputError
 from lepton_spark.events import Epoch, Phase, Progress, Start
 from lepton_spark.models import build_model
 from lepton_spark.names import TRAIN_EPOCH_SECONDS, TRAIN_LOSS, TRAIN_SAMPLES_PER_SECOND, current
-from lepton_spark.shards.loader import Layout, ShardLoader
+from lepton_spark.shards.loader import Layout, ShardLoader, loader_files
 from lepton_spark.shards.manifest import Manifest, SplitInfo, read_manifest
 from lepton_spark.training.checkpoint import (
     SHARDED_PREFIX,
@@ -86,22 +86,27 @@ def open_data(spec: TrainSpec, rank: int, size: int, local_rank: int, beat: Beat
         "pin_memory": device.type == "cuda",
         "on_verified": functools.partial(beat, -1),  # start-up moves while checksumming
     }
+    # The deal of row blocks is seeded the same on every rank; the shuffle buffer per rank.
+    files, share = loader_files(train_split, rank, size, seed=cfg.seed)
     train = ShardLoader(
         spec.shard_folder,
-        train_split.for_rank(rank, size),
+        files,
         batch_size=cfg.batch_size,
         steps=steps,
         shuffle=cfg.shuffle,
         shuffle_buffer=cfg.shuffle_buffer,
         tail=cfg.tail,
         seed=cfg.seed + 7919 * rank,
+        share=share,
         **common,
     )
+    files, share = loader_files(val_split, rank, size, every_row=True)
     validation = ShardLoader(
         spec.shard_folder,
-        val_split.for_rank(rank, size),
+        files,
         batch_size=max(cfg.batch_size, 4096),
         drop_last=False,
+        share=share,
         **common,
     )
     return RankData(manifest, train_split, train, validation, steps, device)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lepton_spark.events import Phase
-from lepton_spark.shards.loader import ShardLoader
+from lepton_spark.shards.loader import ShardLoader, loader_files
 from lepton_spark.training.checkpoint import Position
 from lepton_spark.training.devices import threads
 from lepton_spark.training.engines import Engine, start_engine
@@ -147,9 +147,11 @@ def _evaluation_forwards(engine: Engine, validation: ShardLoader) -> int | None:
 
 def _every_row(spec: TrainSpec, data: RankData, rank: int, size: int, beat: Beat) -> ShardLoader:
     """k-means visits every row of the rank's training shards: no steps to keep equal."""
+    files, share = loader_files(data.train_split, rank, size, every_row=True)
     return ShardLoader(
         spec.shard_folder,
-        data.train_split.for_rank(rank, size),
+        files,
+        share=share,
         layout=data.train.layout,
         batch_size=max(spec.train.batch_size, 8192),
         drop_last=False,

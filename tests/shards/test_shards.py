@@ -13,9 +13,10 @@ from pyspark.sql import functions as F
 from lepton_spark.config import FeatureSpecConfig, ShardConfig
 from lepton_spark.data.features import build_features
 from lepton_spark.errors import DataError, ShardError
+from lepton_spark.shards.deal import BLOCK_ROWS
 from lepton_spark.shards.loader import Layout, ShardLoader, record_batches
 from lepton_spark.shards.manifest import read_manifest, sha256_file, verify_shard
-from lepton_spark.shards.writer import num_shards, write_shards
+from lepton_spark.shards.writer import write_shards
 
 SPEC = FeatureSpecConfig(numeric=["a", "b"], categorical=["color"], label="y", num_classes=3)
 
@@ -82,8 +83,12 @@ def test_shards_round_trip_rows_values_and_dtypes(table, tmp_path):
     assert spec.categorical[0].vocabulary == ["red", "green", "blue"]
     shard_set = write(features, spec, tmp_path / "fp")
     split = shard_set.manifest.split("train")
-    assert len(split.shards) == num_shards(rows, 2, 1_000) == 6
+    # No exchange: each of the 3 partitions is written where it is, a new file every 1,000 rows.
+    assert split.deal == "blocks" and shard_set.manifest.format_version == 3
+    assert len(split.shards) == 6 and max(s.rows for s in split.shards) <= 1_000
     assert split.rows == rows == sum(s.rows for s in split.shards)
+    for shard in split.shards:  # the manifest lists every record batch, each of <= 1024 rows
+        assert sum(shard.batches) == shard.rows and max(shard.batches) <= BLOCK_ROWS
 
     expected = features.toPandas().astype({"a": "float32", "b": "float32"})
     got = read_rows(shard_set.folder, split)
@@ -94,9 +99,8 @@ def test_shards_round_trip_rows_values_and_dtypes(table, tmp_path):
         path = Path(shard_set.folder) / shard.path
         assert path.stat().st_size == shard.bytes
         assert sha256_file(path) == shard.sha256
-    # The random strategy deals rows out evenly: shard sizes differ by at most one row.
-    sizes = [s.rows for s in split.shards]
-    assert max(sizes) - min(sizes) <= 1
+    # The reader deals the rows out evenly: every rank the same rows, whatever the file sizes.
+    assert split.rows_per_rank(2) == [2_501, 2_501]
 
 
 @pytest.mark.parametrize("compression", ["lz4", "zstd"])
@@ -116,9 +120,13 @@ def test_compressed_shards_read_back_the_same_rows_in_fewer_bytes(table, tmp_pat
         assert sum(s.bytes for s in split.shards) < 0.9 * sum(s.bytes for s in plain_split.shards)
 
 
-def test_every_shard_goes_to_exactly_one_rank(table, tmp_path):
+def test_every_hash_shard_goes_to_exactly_one_rank(table, tmp_path):
     features, spec, rows = build_features(table, SPEC)
-    split = write(features, spec, tmp_path / "fp", rows_per_shard=700).manifest.split("train")
+    written = write(
+        features, spec, tmp_path / "fp", rows_per_shard=700, strategy="hash", key="color"
+    )
+    split = written.manifest.split("train")
+    assert split.deal == "shards"
     for size in (1, 2, 3, 4):
         assigned = [s.path for r in range(size) for s in split.for_rank(r, size)]
         assert sorted(assigned) == sorted(s.path for s in split.shards)
@@ -184,28 +192,24 @@ def test_bad_columns_are_named_before_anything_is_written(spark):
         build_features(with_nan, FeatureSpecConfig(numeric=["a"], label="y"))
 
 
-def test_random_strategy_is_seeded_and_mixes_rows(table, tmp_path):
+def test_random_strategy_is_seeded_and_mixes_rows_inside_files(table, tmp_path):
     features, spec, _ = build_features(table, SPEC)
     one = write(features, spec, tmp_path / "one", seed=1).manifest.split("train")
     again = write(features, spec, tmp_path / "again", seed=1).manifest.split("train")
     other = write(features, spec, tmp_path / "other", seed=2).manifest.split("train")
-    # Same seed: the same rows in each shard (row order inside a shard is not promised).
-    for a, b in zip(one.shards, again.shards, strict=True):
-        pd.testing.assert_frame_equal(
-            sort_rows(shard_rows(tmp_path / "one", a)), sort_rows(shard_rows(tmp_path / "again", b))
-        )
-    first = sort_rows(shard_rows(tmp_path / "one", one.shards[0]))
-    assert not first.equals(sort_rows(shard_rows(tmp_path / "other", other.shards[0])))
-    # Rows inside a shard are in random order, even from a split: randomSplit sorts each
-    # partition by value, so without mixing a shard would hold runs sorted by `a`.
+    # No exchange: a file holds its partition's rows whatever the seed; the seed orders them.
+    for a, b, c in zip(one.shards, again.shards, other.shards, strict=True):
+        first = shard_rows(tmp_path / "one", a)
+        pd.testing.assert_frame_equal(first, shard_rows(tmp_path / "again", b))
+        reseeded = shard_rows(tmp_path / "other", c)
+        pd.testing.assert_frame_equal(sort_rows(first), sort_rows(reseeded))
+        assert not first.equals(reseeded)
+    # Rows inside a file are in random order, even from a split: randomSplit sorts each
+    # partition by value, so without mixing a file would hold runs sorted by `a`.
     train, _ = features.repartition(1).randomSplit([0.9, 0.1], seed=3)
-    split = write(train, spec, tmp_path / "split", seed=1).manifest.split("train")
-    rows = shard_rows(tmp_path / "split", split.shards[0])["a"]
+    split = write(train, spec, tmp_path / "split", seed=1, rows_per_shard=10_000)
+    rows = read_rows(tmp_path / "split", split.manifest.split("train"))["a"]
     assert abs(np.corrcoef(np.arange(len(rows)), rows.rank())[0, 1]) < 0.2
-    # Every shard is a sample of the whole: its mean of `a` is near the overall mean.
-    overall = read_rows(tmp_path / "one", one)["a"]
-    for shard in one.shards:
-        assert abs(shard_rows(tmp_path / "one", shard)["a"].mean() - overall.mean()) < 0.15
 
 
 def test_hash_strategy_keeps_every_key_in_one_shard(table, tmp_path):
