@@ -6,8 +6,8 @@ Both sides build the same cached DataFrame on a ``local[2]`` Spark, then time (1
 (ours: ``ShardLoader`` as one rank of one reads its dealt rows; Petastorm:
 ``make_torch_dataloader``), unshuffled as Petastorm's default. Where our materialize time goes is
 recorded too (``materialize_stages``: the driver's wall time, and the executors' seconds by stage
-summed over tasks: rows computed and sent to Python, packing, the in-file shuffle, the IPC write,
-the checksum).
+summed over tasks: rows computed and sent to Python, packing, the in-file shuffle, the IPC write
+with its sha256).
 Each side materializes twice: cold (the session's first writing job) and warm (a second, fresh
 write); the reads come after.
 

@@ -215,7 +215,8 @@ class SplitConfig(_Frozen):
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     """Share of the rows held out for validation."""
     seed: int = 42
-    """Seed of Spark's ``randomSplit``: the same seed, the same split."""
+    """Seed of the split (a hash of each row's values and the seed): the same rows and seed, the
+    same split, whatever the partitioning."""
 
 
 class ShardConfig(_Frozen):

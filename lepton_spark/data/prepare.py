@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from lepton_spark.config import PipelineConfig, SplitConfig
 from lepton_spark.data.features import build_features
@@ -37,12 +38,20 @@ class PreparedData:
         self.features.unpersist()
 
 
+_UNIT = 1 << 30
+
+
 def split(df: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, DataFrame]:
-    """Seeded train/validation split."""
-    train, validation = df.randomSplit(
-        [1.0 - cfg.validation_fraction, cfg.validation_fraction], seed=cfg.seed
-    )
-    return train, validation
+    """Seeded train/validation split by a hash of each row's values: a row goes to validation
+    when ``xxhash64(seed, row) mod 2^30 / 2^30 < validation_fraction``.
+
+    No sort and no second look at the data (``randomSplit`` sorts every partition to be
+    repeatable): the same rows and seed give the same split whatever the partitioning, and
+    identical rows land on the same side.
+    """
+    draw = F.pmod(F.xxhash64(F.lit(cfg.seed), *[F.col(c) for c in df.columns]), F.lit(_UNIT))
+    held_out = draw < F.lit(int(cfg.validation_fraction * _UNIT))
+    return df.where(~held_out), df.where(held_out)
 
 
 def prepare(spark: SparkSession, cfg: PipelineConfig) -> PreparedData:

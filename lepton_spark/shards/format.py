@@ -14,6 +14,7 @@ The manifest lists every file's record batches (their rows): readers deal row bl
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -131,7 +132,8 @@ def write_shard(
     first (one gather). Returns its manifest entry (with the rows of each record batch, and the
     smallest and largest ``key`` when one is named), or ``None`` (and no file) when there were
     no rows. ``clock`` gets the seconds spent waiting for the input (``input``: on Spark, the
-    rows computed and sent to Python), ``pack``, ``permute``, ``write`` and ``checksum``.
+    rows computed and sent to Python), ``pack``, ``permute`` and ``write`` (with the sha256 of
+    the bytes as they are written).
     """
     clock = {} if clock is None else clock
     tick = time.perf_counter
@@ -147,45 +149,71 @@ def write_shard(
     counts: list[int] = []
     lows, highs = [], []
     options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
-    with (
-        place.fs.open_output_stream(place.path) as sink,
-        pa.ipc.new_file(sink, schema, options=options) as out,
-    ):
-        now = tick()
-        for batch in batches:
-            now = spent("input", now)
-            if not batch.num_rows:
-                continue
-            packed = pack_batch(batch, spec, schema)
-            now = spent("pack", now)
-            if permute is not None:
-                packed = packed.take(pa.array(permute.permutation(packed.num_rows)))
-                now = spent("permute", now)
-            step = batch_rows or packed.num_rows
-            for start in range(0, packed.num_rows, step):
-                piece = packed.slice(start, step)
-                out.write_batch(piece)
-                counts.append(piece.num_rows)
-            if key is not None:
-                bounds = pc.min_max(batch.column(key))
-                lows.append(bounds["min"].as_py())
-                highs.append(bounds["max"].as_py())
-            now = spent("write", now)
+    # The checksum as the bytes go out (no second read of the file).
+    with place.fs.open_output_stream(place.path) as stream:
+        sink = _Hashed(stream)
+        with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), schema, options=options) as out:
+            now = tick()
+            for batch in batches:
+                now = spent("input", now)
+                if not batch.num_rows:
+                    continue
+                packed = pack_batch(batch, spec, schema)
+                now = spent("pack", now)
+                if permute is not None:
+                    packed = packed.take(pa.array(permute.permutation(packed.num_rows)))
+                    now = spent("permute", now)
+                step = batch_rows or packed.num_rows
+                for start in range(0, packed.num_rows, step):
+                    piece = packed.slice(start, step)
+                    out.write_batch(piece)
+                    counts.append(piece.num_rows)
+                if key is not None:
+                    bounds = pc.min_max(batch.column(key))
+                    lows.append(bounds["min"].as_py())
+                    highs.append(bounds["max"].as_py())
+                now = spent("write", now)
     if not counts:
         place.fs.delete_file(place.path)
         return None
-    now = tick()
-    size, digest = place.size(), place.sha256()
-    spent("checksum", now)
     return ShardInfo(
         path=relpath,
         rows=sum(counts),
-        bytes=size,
-        sha256=digest,
+        bytes=sink.size,
+        sha256=sink.hexdigest(),
         key_min=_bound(min, lows),
         key_max=_bound(max, highs),
         batches=tuple(counts),
     )
+
+
+class _Hashed:
+    """A write-only file that hashes (sha256) and counts what goes through it to ``out``."""
+
+    def __init__(self, out: pa.NativeFile) -> None:
+        self._out = out
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._hash.update(view)
+        self._out.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:  # the stream is closed by its own ``with``
+        self.closed = True
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 class _Stream:

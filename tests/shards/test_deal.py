@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from lepton_spark.config import ShardConfig
-from lepton_spark.shards.deal import RowIndex, rank_ranges
+from lepton_spark.shards.deal import BLOCK_ROWS, RowIndex, rank_ranges
 from lepton_spark.shards.loader import Layout, ShardLoader, loader_files
 from lepton_spark.shards.local import write_local_shards
 from lepton_spark.shards.manifest import MANIFEST_NAME, read_manifest
@@ -94,18 +94,19 @@ def test_the_deal_is_seeded_fresh_every_epoch_and_resumes_mid_epoch(tmp_path):
 
 
 def test_row_index_slices_across_record_batches_and_files(tmp_path):
-    _, split = blocks_folder(tmp_path, [1_500, 10, 2_000])
+    _, split = blocks_folder(tmp_path, [BLOCK_ROWS + 904, 10, 6_000])
     index = RowIndex(split.shards)
-    assert index.rows == 3_510
-    pieces = list(index.pieces(1_000, 1_600))  # batch 0 of file 0 ends at 1024, file 0 at 1500
+    assert index.rows == BLOCK_ROWS + 6_914
+    # Batch 0 of file 0 ends at BLOCK_ROWS, file 0 at BLOCK_ROWS + 904, file 1 ten rows later.
+    pieces = list(index.pieces(BLOCK_ROWS - 96, BLOCK_ROWS + 1_004))
     assert [(p.file, p.batch, p.start, p.stop) for p in pieces] == [
-        (0, 0, 1_000, 1_024),
-        (0, 1, 0, 476),
+        (0, 0, BLOCK_ROWS - 96, BLOCK_ROWS),
+        (0, 1, 0, 904),
         (1, 0, 0, 10),
         (2, 0, 0, 90),
     ]
-    ranges = rank_ranges(3_510, 1, 2, seed=0, epoch=0)
-    assert sum(b - a for a, b in ranges) == 1_755
+    ranges = rank_ranges(index.rows, 1, 2, seed=0, epoch=0)
+    assert sum(b - a for a, b in ranges) == index.rows // 2
 
 
 @pytest.fixture(scope="module")
