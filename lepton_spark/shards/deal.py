@@ -97,15 +97,27 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 def rank_ranges(
-    rows: int, rank: int, size: int, *, seed: int, epoch: int, shuffle: bool = True, turn: int = 0
+    rows: int,
+    rank: int,
+    size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    turn: int = 0,
+    every_row: bool = False,
 ) -> list[Range]:
     """Rank ``rank``'s row ranges of epoch ``epoch``, in the order it reads them (see the module
     docstring); together ``rows // size`` rows on every rank. ``turn`` numbers the passes over
-    the split within one epoch (a padded tail starts another)."""
+    the split within one epoch (a padded tail starts another). ``every_row``: the ``< size``
+    rows of the global remainder go one each to the first ranks too (validation, k-means: every
+    row read once over the ranks, not every rank the same count)."""
     if not 0 <= rank < size:
         raise ValueError(f"rank {rank} outside [0, {size})")
     share = rows // size
     if not shuffle:
+        if every_row:
+            return [contiguous(rows, rank, size)]
         return [(rank * share, (rank + 1) * share)] if share else []
     b = block_rows(rows, size)
     groups = rows // (b * size)
@@ -118,6 +130,8 @@ def rank_ranges(
     if part:
         slot = (rank + int(common.integers(0, size))) % size
         ranges.append((rest + slot * part, rest + (slot + 1) * part))
+    if every_row and rank < rows - rest - part * size:
+        ranges.append((rest + part * size + rank, rest + part * size + rank + 1))
     order = _rng(seed, epoch, turn, size, rank + 1).permutation(len(ranges))
     return [ranges[i] for i in order]
 

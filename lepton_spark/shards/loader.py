@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lepton_spark.shards.deal import RowIndex, contiguous, rank_ranges
+from lepton_spark.shards.deal import RowIndex, rank_ranges
 from lepton_spark.shards.manifest import Manifest, ShardInfo, SplitInfo, verify_shard
 from lepton_spark.shards.storage import Location, locate
 from lepton_spark.spec import (
@@ -200,9 +200,9 @@ Tail = Literal["drop", "pad"]
 class Share:
     """This rank's part of a split dealt by row blocks (see :mod:`lepton_spark.shards.deal`).
 
-    ``every_row``: the contiguous ``rank``-th of the rows, every row of the split exactly once over
-    the ranks (validation, k-means); otherwise ``rows // size`` rows dealt afresh every epoch from
-    ``seed`` (the same on every rank).
+    ``rows // size`` rows dealt afresh every epoch from ``seed`` (the same on every rank); with
+    ``every_row``, every row of the split exactly once over the ranks, the same deal every epoch
+    (validation, k-means: each rank still a slice of every part of the split).
     """
 
     rank: int
@@ -211,10 +211,8 @@ class Share:
     every_row: bool = False
 
     def rows(self, split_rows: int) -> int:
-        if self.every_row:
-            start, stop = contiguous(split_rows, self.rank, self.size)
-            return stop - start
-        return split_rows // self.size
+        extra = self.every_row and self.rank < split_rows % self.size
+        return split_rows // self.size + int(extra)
 
 
 class ShardLoader:
@@ -343,16 +341,15 @@ class ShardLoader:
 
     def _ranges(self, share: Share, epoch: int, turn: int) -> list[tuple[int, int]]:
         assert self.index is not None
-        if share.every_row:
-            return [contiguous(self.index.rows, share.rank, share.size)]
         return rank_ranges(
             self.index.rows,
             share.rank,
             share.size,
             seed=share.seed,
-            epoch=epoch,
-            shuffle=self.shuffle,
+            epoch=0 if share.every_row else epoch,
+            shuffle=self.shuffle or share.every_row,
             turn=turn,
+            every_row=share.every_row,
         )
 
     def _dealt(

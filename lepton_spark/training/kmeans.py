@@ -7,6 +7,7 @@ checkpoints (a retried stage starts again: seconds).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,10 @@ from lepton_spark.training.job import Report, TrainResult, TrainSpec, code_locat
 
 
 def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding on ``points``: each next center drawn ∝ squared distance to the chosen."""
+    """Greedy k-means++ seeding on ``points`` (as scikit-learn's): each next center is the best of
+    ``2 + log k`` candidates drawn ∝ squared distance to the chosen ones, the one that lowers the
+    sample's cost most. One draw per step falls into poor optima on overlapping clusters."""
+    trials = 2 + int(math.log(k)) if k > 1 else 1
     first = int(torch.randint(len(points), (1,), generator=generator))
     centers = [points[first]]
     nearest = torch.cdist(points, points[first : first + 1]).pow(2)[:, 0]
@@ -37,12 +41,16 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) 
         total = float(nearest.sum())
         if total <= 0:  # fewer distinct points than k: repeat one
             index = int(torch.randint(len(points), (1,), generator=generator))
-        else:
-            index = int(torch.multinomial(nearest / total, 1, generator=generator))
-        centers.append(points[index])
-        nearest = torch.minimum(
-            nearest, torch.cdist(points, points[index : index + 1]).pow(2)[:, 0]
+            centers.append(points[index])
+            continue
+        candidates = torch.multinomial(
+            nearest / total, trials, replacement=True, generator=generator
         )
+        distances = torch.cdist(points, points[candidates]).pow(2)  # [points, trials]
+        costs = torch.minimum(nearest[:, None], distances).sum(dim=0)
+        best = int(torch.argmin(costs))
+        centers.append(points[int(candidates[best])])
+        nearest = torch.minimum(nearest, distances[:, best])
     return torch.stack(centers)
 
 

@@ -74,6 +74,16 @@ def test_every_rank_gets_the_same_rows_each_epoch_none_twice(tmp_path, sizes, ra
         assert len(set(every)) == len(every) == total - total % ranks  # only the remainder out
         assert set(every) <= set(range(total))
     assert split.steps_per_epoch(ranks, 1) == total // ranks
+    # Validation and k-means: every row once over the ranks, remainder included.
+    every = []
+    for rank in range(ranks):
+        files, share = loader_files(split, rank, ranks, seed=5, every_row=True)
+        lo = ShardLoader(
+            folder, files, layout=Layout(2, 1), share=share, batch_size=64, drop_last=False
+        )
+        every += row_ids(lo.epoch(3))
+        assert len(lo) == -(-share.rows(total) // 64)
+    assert sorted(every) == list(range(total))
 
 
 def test_the_deal_is_seeded_fresh_every_epoch_and_resumes_mid_epoch(tmp_path):
