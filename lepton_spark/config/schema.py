@@ -312,10 +312,11 @@ class TrainConfig(_Frozen):
     shuffle: bool = True
     """Shuffle every epoch (seeded by ``seed`` and the epoch)."""
     shuffle_buffer: int = Field(65_536, gt=0)
-    """Rows mixed at a time across this rank's shards."""
+    """Rows mixed at a time across the record batches this rank reads."""
     tail: Literal["drop", "pad"] = "drop"
     """Equal steps per rank: ``drop`` stops every rank at the smallest rank's full batches;
-    ``pad`` runs to the largest rank's, smaller ranks wrapping around their rows."""
+    ``pad`` runs to the largest rank's, smaller ranks wrapping around their rows (with the
+    ``random`` strategy every rank has the same rows: ``pad`` only completes the last batch)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: a GPU when Spark assigns one; ``cuda``: a missing GPU is an error at once."""
     mixed_precision: bool = False

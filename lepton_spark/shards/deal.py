@@ -4,22 +4,25 @@ A split written by the ``random`` strategy (``SplitInfo.deal == "blocks"``) is i
 order, each a list of record batches: one sequence of ``rows`` rows in *storage order* (the order
 Spark's partitions held them, which may be sorted by a date or a label). The reader deals it:
 
-1. The sequence is cut into blocks of ``b`` rows (:func:`block_rows`: at most
-   :data:`BLOCK_ROWS`, and small enough that every rank gets at least
-   :data:`MIN_BLOCKS_PER_RANK`). Each run of ``size`` consecutive blocks (a *group*) gives one
-   block to every rank, which rank gets which drawn afresh every epoch from ``(seed, epoch)``.
-   Every rank therefore holds a slice of every part of the storage order: a source sorted by
-   the label gives each rank the global label mix, to within one block per label change.
-2. The rows after the last whole group (fewer than ``(size + 1) * b``) are split into ``size``
-   equal ranges, dealt in a rotation drawn the same way; the ``< size`` rows left over (the
-   global remainder) are the only rows an epoch leaves out.
+1. The sequence, started at a row drawn from ``(seed, epoch)`` (wrapping around, so block edges
+   and the rows left out move every epoch), is cut into blocks of ``b`` rows
+   (:func:`block_rows`: at most :data:`BLOCK_ROWS`, and small enough that every rank gets at
+   least :data:`MIN_BLOCKS_PER_RANK` blocks). Each run of ``size`` consecutive blocks (a *group*)
+   gives one block to every rank, which rank gets which drawn afresh every epoch. Every rank
+   therefore holds a slice of every part of the storage order: a source sorted by the label
+   gives each rank the global label mix, to within one block per label change.
+2. The rows after the last whole group (fewer than ``size * b``) are split into ``size`` equal
+   ranges, dealt in a rotation drawn the same way; the ``< size`` rows left over (the global
+   remainder) are the only rows an epoch leaves out (``every_row``: they go one each to the
+   first ranks).
 3. Each rank visits its ranges in an order drawn from ``(seed, epoch, rank)``; the loader's
    shuffle buffer mixes the rows of many ranges.
 
 So every rank reads exactly ``rows // size`` rows (equal steps by construction), different rows
-every epoch, the same for the same seed and epoch on any machine (a resumed run skips the batches
-it trained on and sees the rest as the uninterrupted run would). Without shuffling, rank ``r``
-reads the contiguous range ``[r * share, (r + 1) * share)``.
+every epoch, the same for the same seed and epoch on any machine with the same NumPy (a resumed
+run skips the batches it trained on and sees the rest as the uninterrupted run would). Without
+shuffling, the same deal with no draws: rank ``r`` reads blocks ``r, r + size, ...`` in storage
+order.
 """
 
 from __future__ import annotations
@@ -114,28 +117,34 @@ def rank_ranges(
     row read once over the ranks, not every rank the same count)."""
     if not 0 <= rank < size:
         raise ValueError(f"rank {rank} outside [0, {size})")
-    share = rows // size
-    if not shuffle:
-        if every_row:
-            return [contiguous(rows, rank, size)]
-        return [(rank * share, (rank + 1) * share)] if share else []
     b = block_rows(rows, size)
     groups = rows // (b * size)
     common = _rng(seed, epoch, turn, size)  # the same draws on every rank
-    rotation = common.integers(0, size, groups)
+    if shuffle:
+        rotation = common.integers(0, size, groups)
+        slot = (rank + int(common.integers(0, size))) % size
+        offset = int(common.integers(0, max(rows, 1)))  # block edges and the remainder move too
+    else:  # in storage order: still a slice of every part of it
+        rotation, slot, offset = np.zeros(groups, dtype=np.int64), rank, 0
     starts = (np.arange(groups, dtype=np.int64) * size + (rank + rotation) % size) * b
     ranges = [(int(s), int(s) + b) for s in starts]
     rest = groups * size * b
     part = (rows - rest) // size
     if part:
-        slot = (rank + int(common.integers(0, size))) % size
         ranges.append((rest + slot * part, rest + (slot + 1) * part))
     if every_row and rank < rows - rest - part * size:
         ranges.append((rest + part * size + rank, rest + part * size + rank + 1))
-    order = _rng(seed, epoch, turn, size, rank + 1).permutation(len(ranges))
-    return [ranges[i] for i in order]
+    if shuffle:
+        order = _rng(seed, epoch, turn, size, rank + 1).permutation(len(ranges))
+        ranges = [ranges[i] for i in order]
+    return [piece for r in ranges for piece in _rotated(r, offset, rows)]
 
 
-def contiguous(rows: int, rank: int, size: int) -> Range:
-    """Every row exactly once over the ranks, within one row of equal (validation, k-means)."""
-    return rank * rows // size, (rank + 1) * rows // size
+def _rotated(span: Range, offset: int, rows: int) -> list[Range]:
+    """``span`` of the sequence started ``offset`` rows in (wrapping around), as real ranges."""
+    start, stop = span[0] + offset, span[1] + offset
+    if stop <= rows:
+        return [(start, stop)]
+    if start >= rows:
+        return [(start - rows, stop - rows)]
+    return [(start, rows), (0, stop - rows)]

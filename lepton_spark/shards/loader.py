@@ -11,8 +11,9 @@ new each epoch), as zero-copy slices of record batches. A split of whole shards 
 (``hash``, ``range``, format 2) is read shard by shard. With shuffling on, every epoch (same seed
 and epoch, same order) visits the ranges (or the rank's shards and each one's record batches) in a
 random order and mixes rows through a shuffle buffer of ``shuffle_buffer`` rows that spans record
-batches and shards. Only the shards in flight
-are open, so memory does not grow with the dataset. On CUDA, and for shards on remote filesystems, a
+batches and shards. Memory does not grow with the dataset: a dealt epoch keeps one local file mapped
+at a time (pages a mapping touched count in the rank's RSS until it is unmapped), a whole-shard
+epoch one shard. On CUDA, and for shards on remote filesystems, a
 background thread reads, shuffles and pins the next chunks while the GPU or the network works; on a
 busy CPU with local shards the loader runs inline, which measured faster (``benchmarks/data_path``:
 a second Python thread competes with torch's own threads for the same cores). No Spark, no MLflow.
@@ -25,7 +26,7 @@ import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import closing
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -359,14 +360,10 @@ class ShardLoader:
         assert self.index is not None
         pool: list[Batch] = []
         pool_rows = 0
-        with ExitStack() as files:
-            readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
+        with closing(_Readers(self.places)) as readers:
             for start, stop in self._ranges(share, epoch, turn):
                 for piece in self.index.pieces(start, stop):
                     reader = readers.get(piece.file)
-                    if reader is None:
-                        source = files.enter_context(self.places[piece.file].open_for_reading())
-                        reader = readers[piece.file] = pa.ipc.open_file(source)
                     rb = reader.get_batch(piece.batch).slice(piece.start, piece.stop - piece.start)
                     part = _to_batch(rb, self.layout)
                     if not self.shuffle:
@@ -397,6 +394,38 @@ class ShardLoader:
                     pool, pool_rows = [], 0
         if pool:
             yield _mixed(pool, generator)
+
+
+class _Readers:
+    """The shard readers a dealt epoch reads through, opened as its pieces need them.
+
+    A local file's memory map is kept only while pieces of that file come one after another: the
+    pages a mapping has touched count in the rank's resident memory until it is unmapped, so maps
+    kept open across an epoch of pieces from every file would grow the rank with the split (a
+    mapping ends once the tensors over it are gone too). A remote file keeps its reader (opening
+    one costs a round trip); its record batches are read into buffers of their own.
+    """
+
+    def __init__(self, places: Sequence[Location]) -> None:
+        self._places = places
+        self._open: dict[int, tuple[pa.NativeFile, pa.ipc.RecordBatchFileReader]] = {}
+
+    def get(self, file: int) -> pa.ipc.RecordBatchFileReader:
+        if file in self._open:
+            return self._open[file][1]
+        place = self._places[file]
+        if place.is_local:
+            for other in [i for i in self._open if self._places[i].is_local]:
+                self._open.pop(other)[0].close()
+        source = place.open_for_reading()
+        reader = pa.ipc.open_file(source)
+        self._open[file] = (source, reader)
+        return reader
+
+    def close(self) -> None:
+        for source, _ in self._open.values():
+            source.close()
+        self._open.clear()
 
 
 def _permutation(n: int, generator: torch.Generator) -> list[int]:

@@ -72,7 +72,7 @@ def _writer(
         clock: dict[str, float] = {}
         infos = write_files(
             folder,
-            lambda k: f"{prefix}/part-{part:05d}-{tries}-{k:03d}.arrow",
+            lambda k: f"{prefix}/part-{part:05d}-{tries}-{k:05d}.arrow",
             batches,
             spec,
             max_rows=max_rows,
@@ -180,19 +180,21 @@ def write_shards(
     """
     place = locate(folder)
     target_rows = cfg.target_rows(row_bytes(spec))
+    spread = cfg.strategy == "random"
 
     clock: dict[str, float] = {}
 
     def write(attempt: str) -> Manifest:
         infos = {}
         for name, df in splits.items():
-            n = num_shards(estimated_rows[name], num_workers, target_rows)
+            # hash and range: a number of shards to exchange into; random writes what it finds.
+            n = 0 if spread else num_shards(estimated_rows[name], num_workers, target_rows)
             started = time.perf_counter()
             infos[name] = write_split(df, place, f"{attempt}/{name}", spec, n, cfg, clock)
             took = time.perf_counter() - started
             how = (
                 "its partitions as they were, in one pass (no exchange)"
-                if cfg.strategy == "random"
+                if spread
                 else f"{n} {cfg.strategy} partitions (one exchange)"
             )
             log.info(

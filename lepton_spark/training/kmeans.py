@@ -131,17 +131,18 @@ def train_kmeans(
 def seed_centroids(
     engine: Any, loader: ShardLoader, k: int, seed: int
 ) -> tuple[torch.Tensor, float]:
-    """k-means++ on a sample gathered from every rank (at least 1,000 rows each), computed the
-    same on every rank and broadcast from rank 0; and the data's scale (its std), which the
-    stopping rule measures centroid moves against."""
+    """k-means++ on a sample gathered from every rank (about 1,000 rows each, spread over all its
+    rows: one pass), computed the same on every rank and broadcast from rank 0; and the data's
+    scale (its std), which the stopping rule measures centroid moves against."""
     per_rank = max(100 * k // engine.size(), 1_000)
+    # Every ``stride``-th row of the whole pass: a sample of every part of the rank's rows (the
+    # first rows alone may be one block of a sorted source).
+    stride = max(1, loader.rows // per_rank)
     sample = []
-    taken = 0
+    seen = 0
     for batch in loader.epoch(0):
-        sample.append(batch.numeric[: per_rank - taken].double())
-        taken += len(sample[-1])
-        if taken >= per_rank:
-            break
+        sample.append(batch.numeric[(-seen) % stride :: stride].double())
+        seen += len(batch)
     gathered = engine.allgather(torch.cat(sample), name="kmeans_sample")
     if len(gathered) < k:
         raise InputError(

@@ -256,8 +256,8 @@ def rescale_for_ranks(
 ) -> Position:
     """A checkpoint of ``old`` ranks resumed by ``new``: the learning rate (and the schedule's
     base) scaled as ``train.lr_scaling`` scales it for ``new`` ranks, the epoch's steps done
-    counted in ``new`` ranks' steps (the same rows seen, as near as whole steps go: the shards
-    are spread over the ranks anew), a cosine schedule stretched over the steps now left."""
+    counted in ``new`` ranks' steps (the same number of rows seen, as near as whole steps go: the
+    rows are dealt to the ranks anew), a cosine schedule stretched over the steps now left."""
     cfg = spec.train
     ratio = scaled_lr(cfg, new) / scaled_lr(cfg, old)
     for group in trainer.optimizer.param_groups:

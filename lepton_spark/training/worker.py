@@ -146,7 +146,7 @@ def _evaluation_forwards(engine: Engine, validation: ShardLoader) -> int | None:
 
 
 def _every_row(spec: TrainSpec, data: RankData, rank: int, size: int, beat: Beat) -> ShardLoader:
-    """k-means visits every row of the rank's training shards: no steps to keep equal."""
+    """k-means visits every training row once over the ranks: no steps to keep equal."""
     files, share = loader_files(data.train_split, rank, size, every_row=True)
     return ShardLoader(
         spec.shard_folder,

@@ -103,6 +103,18 @@ def test_the_deal_is_seeded_fresh_every_epoch_and_resumes_mid_epoch(tmp_path):
         assert resumed == one[37:]
 
 
+def test_a_padded_tail_fills_the_last_batch_from_a_new_deal(tmp_path):
+    folder, split = blocks_folder(tmp_path, [700, 301])  # 500 rows per rank of 2
+    steps = split.steps_per_epoch(2, 64, "pad")
+    assert steps == 8  # ceil(500 / 64)
+    loaders = rank_loaders(folder, split, 2, batch_size=64, shuffle=True, steps=steps, tail="pad")
+    for lo in loaders:
+        batches = [row_ids([b]) for b in lo.epoch(0)]
+        assert [len(b) for b in batches] == [64] * 8
+        first_pass = [i for b in batches for i in b][:500]
+        assert len(set(first_pass)) == 500  # the whole deal first, then the next turn's rows
+
+
 def test_row_index_slices_across_record_batches_and_files(tmp_path):
     _, split = blocks_folder(tmp_path, [BLOCK_ROWS + 904, 10, 6_000])
     index = RowIndex(split.shards)
