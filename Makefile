@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test test-connect test-fast lint format lock clean config-reference bench bench-data-path bench-memory \
 	bench-scaling bench-petastorm bench-petastorm-env bench-recovery bench-scoring bench-tracking \
 	bench-estimator bench-connect bench-engines bench-vs-torchdistributor bench-vs-horovod-run \
-	bench-compression \
+	bench-compression bench-scale \
 	wheel cluster-up cluster-down airflow-env
 
 $(STAMP): pyproject.toml constraints.txt scripts/install_horovod.sh
@@ -76,6 +76,10 @@ bench-engines: setup
 
 bench-compression: setup
 	$(BIN)/python -m benchmarks.compression
+
+# The demo at 1M, 10M and 30M rows (the longest benchmark: not in `bench`, run it alone).
+bench-scale: setup
+	$(BIN)/python -m benchmarks.scale
 
 bench-vs-torchdistributor: setup
 	$(BIN)/python -m benchmarks.vs_torchdistributor

@@ -18,7 +18,7 @@ import torch
 
 from lepton_spark.config import ModelConfig
 from lepton_spark.shards.local import write_local_shards
-from lepton_spark.shards.manifest import Manifest
+from lepton_spark.shards.manifest import FORMAT_VERSION, Deal, Manifest
 from lepton_spark.spec import CategoricalFeature, FeatureSpec
 
 RESULTS = Path(os.environ.get("LEPTON_BENCH_RESULTS", Path(__file__).parent / "results"))
@@ -61,16 +61,26 @@ def committed(folder: Path) -> Manifest | None:
         return None
 
 
-def synthetic_shards(folder: Path, rows: int, rows_per_shard: int = 250_000) -> Manifest:
-    """A committed shard folder of ``rows`` synthetic training rows (reused when present)."""
+def synthetic_shards(
+    folder: Path, rows: int, rows_per_shard: int = 250_000, deal: Deal = "shards"
+) -> Manifest:
+    """A committed shard folder of ``rows`` synthetic training rows (reused when present and of
+    this format and ``deal``)."""
     manifest = committed(folder)
-    if manifest is not None and manifest.split("train").rows == rows:
+    if (
+        manifest is not None
+        and manifest.format_version == FORMAT_VERSION
+        and manifest.split("train").rows == rows
+        and manifest.split("train").deal == deal
+    ):
         return manifest
     tables = (
         synthetic_table(min(rows_per_shard, rows - start), seed=start)
         for start in range(0, rows, rows_per_shard)
     )
-    return write_local_shards(folder, {"train": tables}, SPEC, fingerprint=f"synthetic-{rows}")
+    return write_local_shards(
+        folder, {"train": tables}, SPEC, fingerprint=f"synthetic-{rows}", deal=deal
+    )
 
 
 def run_json(command: list[str]) -> dict[str, Any]:
