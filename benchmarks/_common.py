@@ -50,6 +50,28 @@ def synthetic_table(rows: int, seed: int) -> pa.Table:
     return pa.Table.from_batches(pa.table(columns).to_batches(max_chunksize=RECORD_BATCH_ROWS))
 
 
+def demo_config(rows: int, epochs: int, work: Path, extra: dict[str, Any] | None = None) -> Any:
+    """``pipelines/tabular_demo.yaml`` at ``rows`` generated rows on ``local[2]``, its shards,
+    checkpoints and MLflow store under ``work``, no registry, no system metrics (plus ``extra``
+    overrides)."""
+    from lepton_spark.config import load_config
+
+    return load_config(
+        Path(__file__).resolve().parents[1] / "pipelines" / "tabular_demo.yaml",
+        {
+            "spark.master": "local[2]",
+            "sources.events.generate.rows": rows,
+            "train.epochs": epochs,
+            "shards.root": str(work / "shards"),
+            "train.checkpoint_root": str(work / "checkpoints"),
+            "tracking.local_store": str(work / "mlruns-data"),
+            "tracking.registered_model": None,
+            "tracking.system_metrics_interval_s": None,
+            **(extra or {}),
+        },
+    )
+
+
 def committed(folder: Path) -> Manifest | None:
     """The benchmark folder's manifest, or ``None`` when it has to be written (again)."""
     from lepton_spark.errors import ShardError

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import WORK, report
+from benchmarks._common import WORK, demo_config, report
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROWS = "1000000,10000000,30000000"
@@ -64,26 +64,6 @@ GOALS = {
     "epoch_growth_exponent": 1.05,
     "rank_peak_rss_largest_over_smallest": 1.2,
 }
-
-
-def demo_config(rows: int, work: Path) -> Any:
-    from lepton_spark.config import load_config
-
-    return load_config(
-        ROOT / "pipelines" / "tabular_demo.yaml",
-        {
-            "spark.master": "local[2]",
-            "sources.events.generate.rows": rows,
-            "train.num_workers": 2,
-            "train.epochs": 1,
-            "train.threads_per_rank": 1,
-            "shards.root": str(work / "shards"),
-            "train.checkpoint_root": str(work / "checkpoints"),
-            "tracking.local_store": str(work / "mlruns-data"),
-            "tracking.registered_model": None,
-            "tracking.system_metrics_interval_s": None,
-        },
-    )
 
 
 def high_water_mb(pid: int) -> float | None:
@@ -160,7 +140,7 @@ def one(rows: int, work: Path) -> dict[str, Any]:
     from lepton_spark.data.session import spark_session
     from lepton_spark.names import TRAIN_EPOCH_SECONDS
 
-    cfg = demo_config(rows, work)
+    cfg = demo_config(rows, 1, work, {"train.num_workers": 2, "train.threads_per_rank": 1})
     sampler = PeakSampler()
     sampler.start()
     try:

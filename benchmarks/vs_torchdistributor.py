@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import WORK, median, report
+from benchmarks._common import WORK, demo_config, median, report
 from benchmarks.launch import alternate, breakdown, ours
 from lepton_spark import run_pipeline
-from lepton_spark.config import SparkConfig, load_config
+from lepton_spark.config import SparkConfig
 from lepton_spark.data.session import spark_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,24 +52,6 @@ def theirs() -> float:
     result = TorchDistributor(num_processes=2, local_mode=False, use_gpu=False).run(empty_ddp)
     assert result == 2.0, result
     return time.perf_counter() - started
-
-
-def demo_config(rows: int, epochs: int, work: Path) -> Any:
-    return load_config(
-        ROOT / "pipelines" / "tabular_demo.yaml",
-        {
-            "spark.master": "local[2]",
-            "sources.events.generate.rows": rows,
-            "train.epochs": epochs,
-            "train.backend": "ddp",
-            "train.threads_per_rank": 1,
-            "shards.root": str(work / "shards"),
-            "train.checkpoint_root": str(work / "checkpoints"),
-            "tracking.local_store": str(work / "mlruns-data"),
-            "tracking.registered_model": None,
-            "tracking.system_metrics_interval_s": None,
-        },
-    )
 
 
 STAGES: dict[str, list[dict[str, float]]] = {"lepton_ddp": []}  # where our time went, per run
@@ -177,7 +159,9 @@ def main() -> None:
     for name, value in steps.items():
         print(f"  ours, {name}: {value:.2f} s", flush=True)
     work = WORK / "bench" / "vs-torchdistributor"
-    cfg = demo_config(args.rows, args.epochs, work)
+    cfg = demo_config(
+        args.rows, args.epochs, work, {"train.backend": "ddp", "train.threads_per_rank": 1}
+    )
     runs: dict[str, list[tuple[float, float]]] = {"lepton_ddp": [], "torchdistributor": []}
     for _ in range(args.e2e_rounds):
         runs["lepton_ddp"].append(ours_end_to_end(spark, cfg))

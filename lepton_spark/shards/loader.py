@@ -358,42 +358,31 @@ class ShardLoader:
     ) -> Iterator[Batch]:
         """This rank's dealt rows of the epoch: slices of record batches, mixed when shuffling."""
         assert self.index is not None
-        pool: list[Batch] = []
-        pool_rows = 0
+        parts = self._pieces(self._ranges(share, epoch, turn))
+        if not self.shuffle:
+            return parts
+        return _mixed_pools(parts, self.shuffle_buffer, generator)
+
+    def _pieces(self, ranges: list[tuple[int, int]]) -> Iterator[Batch]:
+        """The rows of ``ranges`` in order, as zero-copy slices of record batches."""
+        assert self.index is not None
         with closing(_Readers(self.places)) as readers:
-            for start, stop in self._ranges(share, epoch, turn):
+            for start, stop in ranges:
                 for piece in self.index.pieces(start, stop):
-                    reader = readers.get(piece.file)
-                    rb = reader.get_batch(piece.batch).slice(piece.start, piece.stop - piece.start)
-                    part = _to_batch(rb, self.layout)
-                    if not self.shuffle:
-                        yield part
-                        continue
-                    pool.append(part)
-                    pool_rows += len(part)
-                    if pool_rows >= self.shuffle_buffer:
-                        yield _mixed(pool, generator)
-                        pool, pool_rows = [], 0
-            if pool:
-                yield _mixed(pool, generator)
+                    rb = readers.get(piece.file).get_batch(piece.batch)
+                    yield _to_batch(rb.slice(piece.start, piece.stop - piece.start), self.layout)
 
     def _in_order(self) -> Iterator[Batch]:
         for place in self.places:
             yield from record_batches(place, self.layout)
 
     def _one_pass(self, generator: torch.Generator) -> Iterator[Batch]:
-        pool: list[Batch] = []
-        pool_rows = 0
-        for i in _permutation(len(self.places), generator):
-            parts = record_batches(self.places[i], self.layout, generator)
-            for part in parts:
-                pool.append(part)
-                pool_rows += len(part)
-                if pool_rows >= self.shuffle_buffer:
-                    yield _mixed(pool, generator)
-                    pool, pool_rows = [], 0
-        if pool:
-            yield _mixed(pool, generator)
+        parts = (
+            part
+            for i in _permutation(len(self.places), generator)
+            for part in record_batches(self.places[i], self.layout, generator)
+        )
+        return _mixed_pools(parts, self.shuffle_buffer, generator)
 
 
 class _Readers:
@@ -430,6 +419,27 @@ class _Readers:
 
 def _permutation(n: int, generator: torch.Generator) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
+
+
+def _mixed_pools(
+    parts: Iterator[Batch], buffer_rows: int, generator: torch.Generator
+) -> Iterator[Batch]:
+    """``parts`` gathered into pools of at least ``buffer_rows`` rows, each in a random order."""
+    pool: list[Batch] = []
+    pool_rows = 0
+    try:
+        for part in parts:
+            pool.append(part)
+            pool_rows += len(part)
+            if pool_rows >= buffer_rows:
+                yield _mixed(pool, generator)
+                pool, pool_rows = [], 0
+        if pool:
+            yield _mixed(pool, generator)
+    finally:
+        close = getattr(parts, "close", None)
+        if close is not None:
+            close()  # a consumer that stops early releases the files the parts hold open
 
 
 def _mixed(pool: list[Batch], generator: torch.Generator) -> Batch:
