@@ -14,8 +14,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lepton_spark.config import PipelineConfig, SplitConfig
+from lepton_spark.data.columns import check_columns
 from lepton_spark.data.features import build_features
-from lepton_spark.data.sources import load_and_transform
+from lepton_spark.data.sources import empty_source, load_and_transform
 from lepton_spark.errors import DataError
 from lepton_spark.spec import FeatureSpec
 
@@ -57,6 +58,13 @@ def split(df: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, DataFrame]:
 def prepare(spark: SparkSession, cfg: PipelineConfig) -> PreparedData:
     """Sources → transform → features and label → train/validation split."""
     df = load_and_transform(spark, cfg)
+    try:
+        check_columns(df, cfg.features)  # no Spark job (build_features checks them again)
+    except DataError:
+        empty = empty_source(spark, cfg, df)  # the cause, when a source has no rows
+        if empty is None:
+            raise
+        raise empty from None
     keep = (cfg.shards.key,) if cfg.shards.key else ()
     quality: dict[str, int] = {}
     features, spec, rows = build_features(df, cfg.features, keep, quality)

@@ -50,6 +50,22 @@ _DEFAULTS = {
     "spark.barrier.sync.timeout": "3600s",
 }
 
+# pyspark (4.x) logs every SQL or DataFrame error it raises as a JSON line on stderr, through
+# loggers of its own that do not propagate (Python's logging, not the JVM's log4j). lepton-spark
+# reports each error it catches itself, naming the field or source, so on a session it makes these
+# stay quiet unless ``spark.log_level`` is DEBUG; an uncaught error still shows Spark's message.
+_QUERY_CONTEXT_LOGGERS = ("SQLQueryContextLogger", "DataFrameQueryContextLogger")
+
+
+def quiet_query_context_logs(level: str) -> None:
+    """Keep pyspark's JSON line per failed query off the console (at ``level`` DEBUG: left on)."""
+    from pyspark.logger import PySparkLogger
+
+    for name in _QUERY_CONTEXT_LOGGERS:
+        # pyspark's own class (its records carry extra fields a plain Logger would refuse)
+        logger = PySparkLogger.getLogger(name)
+        logger.setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
+
 
 def spark_session(cfg: SparkConfig, app_name: str = "lepton-spark") -> Session:
     """Get or create the session for this config: the active one, else a Connect client of
@@ -74,6 +90,7 @@ def spark_session(cfg: SparkConfig, app_name: str = "lepton-spark") -> Session:
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     set_log_level(spark, cfg.log_level)
+    quiet_query_context_logs(cfg.log_level)
     return spark
 
 
@@ -99,6 +116,7 @@ def connect_session(remote: str, cfg: SparkConfig) -> Session:
     with a note."""
     _reachable(remote)
     spark = SparkSession.builder.remote(remote).getOrCreate()
+    quiet_query_context_logs(cfg.log_level)
     skipped = []
     for key, value in {**_DEFAULTS, **cfg.conf}.items():
         try:
@@ -149,4 +167,5 @@ def submitted_session(cfg: SparkConfig, app_name: str = "lepton-spark") -> Spark
             builder = builder.config(key, value)
     spark = builder.getOrCreate()
     set_log_level(spark, cfg.log_level)
+    quiet_query_context_logs(cfg.log_level)
     return spark

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from pyspark.errors import AnalysisException
+from pyspark.errors import AnalysisException, PySparkException
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -54,6 +54,26 @@ def load_and_transform(spark: Session, cfg: PipelineConfig) -> DataFrame:
         return _analysed(spark.sql(cfg.transform))
     except AnalysisException as err:
         raise DataError(f"transform: Spark SQL failed: {err}") from None
+
+
+def empty_source(spark: Session, cfg: PipelineConfig, df: DataFrame) -> DataError | None:
+    """The error for the first source with no rows, if one has none: a CSV or JSON file with a
+    header and no rows reads as every column a string, so the type check names a column when the
+    fault is the source. One small Spark job per source (``isEmpty``): asked only once the data
+    has failed a check, never on the way to a run. ``df`` is what :func:`load_and_transform`
+    returned (its sources are its views when there is a transform)."""
+    for name, source in cfg.sources.items():
+        if source.generate is not None:
+            continue
+        try:
+            frame = df if cfg.transform is None else spark.table(name)
+            empty = frame.isEmpty()
+        except PySparkException:  # cannot tell: the error already found stands
+            continue
+        if empty:
+            what = f"table {source.table!r}" if source.table is not None else f"path {source.path}"
+            return DataError(f"source {name!r}: {what} has no rows")
+    return None
 
 
 def raw_example(spark: Session, cfg: PipelineConfig, rows: int = 5) -> pd.DataFrame:

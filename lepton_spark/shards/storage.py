@@ -6,6 +6,7 @@ disks, HDFS and object stores go through the same code. No Spark, no MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -15,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 from pyarrow import fs as pafs
 
-from lepton_spark.errors import PathError
+from lepton_spark.errors import PathError, path_error
 
 
 @dataclass(frozen=True)
@@ -106,16 +107,54 @@ class Location:
 
 
 def check_writable(folder: Path, where: str) -> None:
-    """``folder`` (a local path, made later by whoever writes there) can be made and written:
-    its nearest existing ancestor is a folder this process may write in. Nothing is created.
-    ``where`` names the field or option in the :class:`~lepton_spark.errors.PathError`."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise PathError(f"{where} {folder} cannot be made: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PathError(f"{where} {folder} cannot be written: permission denied on {probe}")
+    """``folder`` (a local path, made later by whoever writes there) can be made and written: it
+    is tried, not guessed from permissions (root passes every permission check, and ``/proc``,
+    ``/sys`` or a read-only mount refuse what the permissions allow). The missing folders are
+    made, a probe file is written in ``folder`` and removed, and the folders made are removed
+    again: nothing is left behind. ``where`` names the field or option in the
+    :class:`~lepton_spark.errors.PathError` (or, for a full or failing disk, the
+    :class:`~lepton_spark.errors.StorageError`)."""
+    folder = Path(os.path.abspath(folder))
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PathError(f"{where} {folder} cannot be made: {existing} is not a folder")
+    missing = []
+    for path in (folder, *folder.parents):
+        if path == existing:
+            break
+        missing.append(path)
+    made: list[Path] = []
+    doing = "made"
+    try:
+        for path in reversed(missing):
+            _make(path, made)
+        doing = "written"
+        probe = folder / f".lepton-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as err:
+        error = path_error(err, where, folder)
+        if isinstance(error, PathError):  # say which step and where it failed
+            at = err.filename if doing == "made" and err.filename else folder
+            at = f" ({at})" if Path(at) != folder else ""
+            error = PathError(f"{where} {folder} cannot be {doing}: {err.strerror or err}{at}")
+        raise error from None
+    finally:
+        for path in reversed(made):
+            with contextlib.suppress(OSError):  # another process has begun to use it: it stays
+                path.rmdir()
+
+
+def _make(path: Path, made: list[Path]) -> None:
+    try:
+        path.mkdir()
+    except FileExistsError:
+        if not path.is_dir():  # made by someone else meanwhile, and not a folder
+            raise
+        return
+    made.append(path)
 
 
 def locate(where: str | Path | Location) -> Location:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lepton_spark.config import TrackingConfig
 from lepton_spark.errors import path_error
+from lepton_spark.shards.storage import check_writable
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ def resolve_tracking(cfg: TrackingConfig, override: str | None = None) -> Tracki
     if uri:
         return TrackingTarget(tracking_uri=uri, artifact_root=None)
     store = Path(cfg.local_store).resolve()
+    check_writable(store, "tracking.local_store")  # tried, then made for real below
     try:
         store.mkdir(parents=True, exist_ok=True, mode=0o700)  # runs and models: the user's
     except OSError as err:

@@ -180,6 +180,25 @@ def test_an_empty_dataset_is_refused(spark, sources, tmp_path):
     assert_nothing_left(tmp_path)
 
 
+@pytest.mark.parametrize("transform", [None, "SELECT * FROM facts"], ids=["as-is", "transformed"])
+def test_a_csv_source_with_a_header_and_no_rows_is_named(spark, tmp_path, transform):
+    csv = tmp_path / "empty.csv"
+    csv.write_text("a,b,c,y\n")  # inferSchema reads every column of it as a string
+    cfg = pipeline(
+        tmp_path,
+        csv,
+        transform=transform,
+        **{
+            "sources.facts.format": "csv",
+            "sources.facts.options": {"header": "true", "inferSchema": "true"},
+        },
+    )
+    err = fails_with(spark, cfg, InputError, f"source 'facts': path {csv} has no rows")
+    assert "Spark type" not in str(err)
+    assert exit_code(err) == EXIT_BAD_INPUT
+    assert_nothing_left(tmp_path)
+
+
 def test_fewer_training_rows_than_ranks_is_refused_and_its_shards_removed(spark, sources, tmp_path):
     cfg = pipeline(
         tmp_path,
@@ -286,3 +305,25 @@ def test_the_cli_maps_bad_data_to_exit_code_2(tmp_path, cli):
     )
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
     assert "'nope'" in proc.stderr
+
+
+def test_the_cli_shows_a_missing_view_once(tmp_path, cli):
+    proc = cli(
+        "run",
+        str(ROOT / "pipelines" / "tabular_demo.yaml"),
+        "--master",
+        "local[1]",
+        "--num-workers",
+        "1",
+        "--set",
+        "sources.events.generate.rows=2000",
+        "--set",
+        "transform=SELECT * FROM nowhere",  # no source is called that
+        cwd=tmp_path,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == EXIT_BAD_INPUT, out[-2000:]
+    errors = [line for line in out.splitlines() if "TABLE_OR_VIEW_NOT_FOUND" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: transform: "), errors
+    assert "SQLQueryContextLogger" not in out and "Traceback" not in out
