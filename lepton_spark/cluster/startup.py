@@ -19,6 +19,7 @@ class StartupServer:
         self._httpd = httpd
         self._name = name
         self._closed = threading.Event()
+        self._stopping = threading.Lock()
         self._started = time.monotonic()
         self._thread = threading.Thread(target=httpd.serve_forever, name=name, daemon=True)
         self._thread.start()
@@ -42,10 +43,13 @@ class StartupServer:
         threading.Thread(target=self.stop, name=f"{self._name}-close", daemon=True).start()
 
     def stop(self) -> None:
-        """Stop serving and close the port; never waits on a client (idempotent)."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        """Stop serving and close the port; never waits on a client (idempotent, thread-safe).
+        :attr:`closed` turns true only once the listening socket is closed: a connect after it
+        is refused."""
+        with self._stopping:
+            if self._closed.is_set():
+                return
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._closed.set()
         self._thread.join(timeout=5)

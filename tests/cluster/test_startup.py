@@ -1,0 +1,38 @@
+"""The start-up servers' port is closed by the time they say ``closed``."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+
+import pytest
+
+from lepton_spark.cluster.startup import StartupServer
+from tests.helpers import wait_until
+
+
+class _Echo(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(self.rfile.readline())
+
+
+@pytest.mark.parametrize("how", ["close_soon", "stop"])
+def test_its_port_refuses_connections_once_closed(how):
+    for attempt in range(50):
+        httpd = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+        httpd.daemon_threads = True
+        server = StartupServer(httpd, f"test-{attempt}")
+        address = server.address
+        with socket.create_connection(address, timeout=10) as client:
+            client.sendall(b"hello\n")
+            assert client.makefile("rb").readline() == b"hello\n"
+        if how == "close_soon":
+            server.close_soon()  # from another thread, as a handler does
+            assert wait_until(lambda s=server: s.closed, 30, interval=0.001), attempt
+        else:
+            server.stop()
+            assert server.closed
+        with pytest.raises(OSError):
+            socket.create_connection(address, timeout=5).close()
+        server.stop()  # idempotent
+        assert server.closed
