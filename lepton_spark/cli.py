@@ -241,6 +241,15 @@ def score(
         str | None,
         typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: local)."),
     ] = None,
+    invalid: Annotated[
+        str | None,
+        typer.Option(
+            help="A row whose features training would have refused (a null, NaN or infinite "
+            "number, a broken array): keep (null prediction), skip (left out), error (fail, "
+            "nothing written), fill (a model trained with nulls: fill). Default: the model's own "
+            "(keep, or fill for nulls: fill)."
+        ),
+    ] = None,
 ) -> None:
     """Score a table with a logged model on Spark; Parquet out with keys, prediction and
     probabilities."""
@@ -249,6 +258,7 @@ def score(
     from lepton_spark.config import SparkConfig, TrackingConfig
     from lepton_spark.data.session import spark_session
     from lepton_spark.serving.batch import score as score_table
+    from lepton_spark.serving.scorer import POLICY_OUTCOME, invalid_summary
     from lepton_spark.tracking.target import resolve_tracking
 
     mlflow.set_tracking_uri(resolve_tracking(TrackingConfig(), tracking_uri).tracking_uri)
@@ -267,6 +277,7 @@ def score(
             overwrite=overwrite,
             threads_per_task=threads_per_task,
             partitions=partitions,
+            handle_invalid=invalid,
         )
     except Exception as err:
         _fail(_innermost(err), exit_code(err))
@@ -276,6 +287,16 @@ def score(
         f"scored {result.rows:,} rows in {result.seconds:.1f} s "
         f"({result.rows_per_second:,.0f} rows/s; model loaded by {result.model_loads} Python "
         f"worker(s) for {result.batches} Arrow batches) → {redact_text(result.output)}"
+    )
+    what = POLICY_OUTCOME[result.handle_invalid]
+    console.print(
+        f"rows with invalid features: {result.invalid_rows:,}"
+        + (
+            f" ({invalid_summary(result.invalid)}): {what} (--invalid {result.handle_invalid})"
+            if result.invalid_rows
+            else ""
+        ),
+        soft_wrap=True,
     )
 
 

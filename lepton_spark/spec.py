@@ -36,6 +36,22 @@ FIRST_WORD = 2
 TOKEN_SPLIT = "[^a-z0-9]+"
 
 Task = Literal["classification", "regression", "clustering"]
+# What training did with a row whose numbers or arrays were null, NaN or infinite
+# (``features.nulls``).
+Nulls = Literal["fail", "drop", "fill"]
+# What scoring does with such a row (Spark ML's ``handleInvalid``): fail naming the column, leave
+# the row out, keep it with a null prediction, or fill its numbers as training filled them (only
+# for a model trained with ``nulls: fill``).
+InvalidPolicy = Literal["error", "skip", "keep", "fill"]
+INVALID_POLICIES: tuple[InvalidPolicy, ...] = ("error", "skip", "keep", "fill")
+
+
+def default_invalid_policy(nulls: Nulls | None) -> InvalidPolicy:
+    """What scoring does with invalid rows unless told: what training did. A model trained with
+    ``nulls: drop`` or ``fail`` never saw such a row, so it predicts nothing for one (``keep``: no
+    row lost, none made up); one trained with ``nulls: fill`` fills it as training did. A model
+    logged before 0.3 (``nulls`` unknown) filled, and still does."""
+    return "keep" if nulls in ("drop", "fail") else "fill"
 
 
 class CategoricalFeature(BaseModel):
@@ -117,7 +133,17 @@ class FeatureSpec(BaseModel):
         default_factory=dict, description="numeric columns standardised in ETL"
     )
     fill_value: float = Field(
-        0.0, description="what a null/NaN/inf numeric value becomes (before standardisation)"
+        0.0,
+        description="what a null/NaN/inf numeric value becomes (before standardisation) under "
+        "nulls: fill, in training and in scoring",
+    )
+    nulls: Nulls | None = Field(
+        None, description="features.nulls in training; None: a model logged before 0.3"
+    )
+    handle_invalid: InvalidPolicy | None = Field(
+        None,
+        description="what scoring does with a row training would have refused, unless told "
+        "otherwise; None: a model logged before 0.3 (it fills)",
     )
 
     @model_validator(mode="after")
@@ -129,6 +155,25 @@ class FeatureSpec(BaseModel):
         if self.task != "clustering" and self.label is None:
             raise ValueError(f"{self.task} needs a label")
         return self
+
+    @property
+    def invalid_policy(self) -> InvalidPolicy:
+        """What scoring does with invalid rows unless told otherwise."""
+        return self.handle_invalid or default_invalid_policy(self.nulls)
+
+    def check_invalid_policy(self, policy: str) -> InvalidPolicy:
+        """``policy`` if this model can score by it; a ``ValueError`` naming why not."""
+        if policy not in INVALID_POLICIES:
+            raise ValueError(
+                f"handleInvalid={policy!r}: one of {', '.join(INVALID_POLICIES[:3])} (or 'fill', "
+                "for a model trained with features.nulls: fill)"
+            )
+        if policy == "fill" and self.nulls in ("drop", "fail"):
+            raise ValueError(
+                f"handleInvalid='fill': this model was trained with features.nulls: {self.nulls} "
+                "and never saw a filled value; use keep, skip or error"
+            )
+        return policy  # type: ignore[return-value]
 
     @property
     def categorical_names(self) -> list[str]:

@@ -27,6 +27,7 @@ from lepton_spark.spec import (
     FeatureSpec,
     Standardization,
     TextFeature,
+    default_invalid_policy,
 )
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ def build_features(
         weight=spec.weight,
         standardize=standardize,
         fill_value=spec.fill_value,
+        nulls=spec.nulls,
+        handle_invalid=default_invalid_policy(spec.nulls),
     )
     return _selected(df, spec, feature_spec, keep), feature_spec, rows
 

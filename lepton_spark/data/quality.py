@@ -22,7 +22,7 @@ def bad_value(column: str) -> Column:
     return value.isNull() | F.isnan(value) | (F.abs(value) == float("inf"))
 
 
-def _bad_array(column: str) -> Column:
+def bad_array(column: str) -> Column:
     values = F.col(column)
     return values.isNull() | F.exists(
         values, lambda x: x.isNull() | F.isnan(x.cast("double")) | (F.abs(x) == float("inf"))
@@ -40,7 +40,7 @@ def bad_columns(spec: FeatureSpecConfig) -> dict[str, Column]:
     if spec.weight is not None:
         bad[spec.weight] = bad_value(spec.weight) | (F.col(spec.weight) < 0)
     for a in spec.arrays:
-        bad[a.name] = _bad_array(a.name)
+        bad[a.name] = bad_array(a.name)
     return bad
 
 

@@ -8,11 +8,20 @@ work on its output as they are. ``save(path)`` writes the Spark ML metadata and 
 files (through Spark: any path Spark can write, on classic or Connect); ``load(path)`` reads them
 back, no MLflow needed. ``TorchModel.from_mlflow("models:/name@champion")`` takes a registered
 model.
+
+A row whose features training would have refused (a null, NaN or infinite number, a broken array)
+is handled by ``handleInvalid``, Spark ML's param: ``keep`` (the row stays, its prediction columns
+null), ``skip`` (left out), ``error`` (``transform`` fails, naming the columns and rows) or
+``fill`` (a model trained with ``nulls: fill``: filled as training did). Unset, the model's own
+policy: ``keep`` for a model trained with ``nulls: drop`` or ``fail``, ``fill`` for ``nulls:
+fill``. ``transform`` counts such rows first (one aggregate over the input) and warns with the
+count per column.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import shutil
 import tempfile
 import weakref
@@ -21,7 +30,12 @@ from typing import Any
 
 from pyspark.ml import Model
 from pyspark.ml.param import Param, Params, TypeConverters
-from pyspark.ml.param.shared import HasPredictionCol, HasProbabilityCol, HasRawPredictionCol
+from pyspark.ml.param.shared import (
+    HasHandleInvalid,
+    HasPredictionCol,
+    HasProbabilityCol,
+    HasRawPredictionCol,
+)
 from pyspark.ml.util import (
     DefaultParamsReader,
     DefaultParamsWriter,
@@ -32,9 +46,19 @@ from pyspark.ml.util import (
 )
 from pyspark.sql import DataFrame
 
-from lepton_spark.serving.batch import ShippedModel, SparkMLColumns, download, scored_frame, ship
-from lepton_spark.serving.scorer import SPEC_FILE
-from lepton_spark.spec import FeatureSpec
+from lepton_spark.errors import ScoringError
+from lepton_spark.serving.batch import (
+    ShippedModel,
+    SparkMLColumns,
+    download,
+    invalid_counts,
+    scored_frame,
+    ship,
+)
+from lepton_spark.serving.scorer import POLICY_OUTCOME, SPEC_FILE, invalid_summary
+from lepton_spark.spec import INVALID_POLICIES, FeatureSpec
+
+log = logging.getLogger(__name__)
 
 _DOWNLOADS = Path(tempfile.mkdtemp(prefix="lepton-models-"))
 atexit.register(shutil.rmtree, _DOWNLOADS, True)
@@ -43,7 +67,13 @@ _CHUNK = 4 << 20
 
 
 class TorchModel(
-    HasPredictionCol, HasProbabilityCol, HasRawPredictionCol, Model, MLReadable, MLWritable
+    HasPredictionCol,
+    HasProbabilityCol,
+    HasRawPredictionCol,
+    HasHandleInvalid,
+    Model,
+    MLReadable,
+    MLWritable,
 ):
     """A trained lepton-spark model as a Spark ML transformer; see the module docstring."""
 
@@ -69,6 +99,7 @@ class TorchModel(
         predictionCol: str = "prediction",
         probabilityCol: str = "probability",
         rawPredictionCol: str = "rawPrediction",
+        handleInvalid: str | None = None,
     ) -> None:
         super().__init__()
         self._set(
@@ -79,6 +110,8 @@ class TorchModel(
             probabilityCol=probabilityCol,
             rawPredictionCol=rawPredictionCol,
         )
+        if handleInvalid is not None:
+            self.setHandleInvalid(handleInvalid)
         self.history: list[dict[str, float]] = []  # the fit's epochs (not kept by from_mlflow)
         self.metrics: dict[str, float] = {}  # the last epoch's
         self._local: Path | None = None
@@ -114,6 +147,21 @@ class TorchModel(
             self._local = download(self.getOrDefault(self.modelUri), folder, tracking_uri=uri)
         return self._local
 
+    def setHandleInvalid(self, value: str) -> TorchModel:
+        """``keep`` | ``skip`` | ``error`` | ``fill`` (see the module docstring)."""
+        if value not in INVALID_POLICIES:
+            raise ValueError(
+                f"TorchModel: handleInvalid={value!r}: one of {', '.join(INVALID_POLICIES)}"
+            )
+        return self._set(handleInvalid=value)
+
+    def invalid_policy(self) -> str:
+        """What ``transform`` does with invalid rows: ``handleInvalid``, or the model's own."""
+        spec = self.feature_spec
+        if self.isSet(self.handleInvalid):
+            return spec.check_invalid_policy(self.getOrDefault(self.handleInvalid))
+        return spec.invalid_policy
+
     def _transform(self, dataset: DataFrame) -> DataFrame:
         spark = dataset.sparkSession
         shipped = self._shipped.get(spark)
@@ -124,7 +172,31 @@ class TorchModel(
             probability=self.getProbabilityCol(),
             raw_prediction=self.getRawPredictionCol(),
         )
-        return scored_frame(dataset, shipped, spark_ml=columns)
+        try:
+            policy = self.invalid_policy()
+        except ValueError as err:
+            raise ScoringError(f"TorchModel: {err}") from None
+        spec = shipped.spec
+        missing = [c for c in spec.input_columns if c not in dataset.columns]
+        if not missing and (spec.numeric or spec.arrays):
+            total, per_column = invalid_counts(dataset, spec)
+            if total and policy == "error":
+                raise ScoringError(
+                    f"TorchModel.transform: {total:,} rows have invalid features (null, NaN or "
+                    f"infinite numbers, broken arrays; rows per column: "
+                    f"{invalid_summary(per_column)}) and handleInvalid is 'error' "
+                    "(setHandleInvalid('keep') or 'skip' scores the rest)"
+                )
+            if total:
+                log.warning(
+                    "TorchModel.transform: %s rows have invalid features (%s): %s "
+                    "(handleInvalid=%r)",
+                    f"{total:,}",
+                    invalid_summary(per_column),
+                    POLICY_OUTCOME[policy],
+                    policy,
+                )
+        return scored_frame(dataset, shipped, spark_ml=columns, handle_invalid=policy)
 
     def copy(self, extra: dict[Param, Any] | None = None) -> TorchModel:
         copied = super().copy(extra)  # a shallow copy: the files and shipped archives are shared

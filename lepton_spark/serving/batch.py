@@ -29,13 +29,13 @@ import uuid
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from pyspark.errors import AnalysisException
-from pyspark.sql import DataFrame, Observation
+from pyspark.sql import Column, DataFrame, Observation
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -45,6 +45,8 @@ from lepton_spark.serving.output import check_destination, commit, writer
 from lepton_spark.serving.scorer import (
     SPEC_FILE,
     Scorer,
+    invalid_summary,
+    kept_rows,
     list_column,
     load_scorer,
     output_columns,
@@ -64,11 +66,14 @@ _ARRAY = "_lepton_array_"  # + a vector feature's name: the vector as an array, 
 class ScoreResult:
     model_uri: str
     output: str
-    rows: int
+    rows: int  # rows written
     batches: int
     model_loads: int  # executor Python workers that loaded the model (not batches)
     seconds: float
     keys: list[str]
+    handle_invalid: str = "keep"  # what became of the invalid rows
+    invalid_rows: int = 0  # input rows with an invalid feature
+    invalid: dict[str, int] = field(default_factory=dict)  # invalid rows per column
 
     @property
     def rows_per_second(self) -> float:
@@ -115,13 +120,14 @@ _KEEP_SCORERS = 4
 _LOCK = threading.Lock()
 
 
-def _worker_scorer(archive: str, threads: int) -> tuple[Scorer, bool]:
-    """This Python worker's scorer for ``archive``, and whether it was loaded just now."""
+def _worker_scorer(archive: str, threads: int, handle_invalid: str) -> tuple[Scorer, bool]:
+    """This Python worker's scorer for ``archive`` under ``handle_invalid``, and whether it was
+    loaded just now."""
     with _LOCK:
         scorer = _SCORERS.get(archive)
         if scorer is not None:
             _SCORERS.move_to_end(archive)
-            return scorer, False
+            return scorer.with_policy(handle_invalid), False
         import torch
         from pyspark import SparkFiles
 
@@ -135,7 +141,7 @@ def _worker_scorer(archive: str, threads: int) -> tuple[Scorer, bool]:
         _SCORERS[archive] = scorer
         while len(_SCORERS) > _KEEP_SCORERS:
             _SCORERS.popitem(last=False)
-        return scorer, True
+        return scorer.with_policy(handle_invalid), True
 
 
 # -- scoring a DataFrame ---------------------------------------------------------------------------
@@ -159,8 +165,15 @@ def scored_frame(
     threads: int = 1,
     partitions: int | None = None,
     counters: bool = False,
+    handle_invalid: str | None = None,
+    observation: Observation | None = None,
 ) -> DataFrame:
     """``df`` scored by the shipped model, lazily (nothing runs until an action).
+
+    ``handle_invalid``: what becomes of a row training would have refused (``keep``: null
+    predictions, ``skip``: left out, ``error``, ``fill``; default: the model's own policy).
+    ``observation``: receives the input's invalid rows (``invalid``, and ``invalid:<column>``)
+    when the frame runs.
 
     ``spark_ml``: every input column, then Spark ML's columns (a double ``prediction``;
     ``rawPrediction`` and ``probability`` vectors for classification; an integer cluster for
@@ -195,20 +208,28 @@ def scored_frame(
     )
     if partitions:
         selected = selected.repartition(partitions)
+    if observation is not None:
+        selected = selected.observe(observation, *_invalid_counts(spec, arrays))
+    policy = spec.check_invalid_policy(handle_invalid) if handle_invalid else spec.invalid_policy
     outputs = _output_fields(spec, spark_ml)
     if counters:
         outputs += [T.StructField(_LOADED, T.ByteType(), False)]
         outputs += [T.StructField(_BATCH, T.ByteType(), False)]
     schema = T.StructType([*(df.schema[c] for c in passed), *outputs])
-    scoring = _scoring(model.archive, threads, passed, arrays, spark_ml, counters)
+    scoring = _scoring(model.archive, threads, passed, arrays, spark_ml, counters, policy)
     scored = selected.mapInArrow(scoring, schema)
     if spark_ml is None or spec.task != "classification":
         return scored
     from pyspark.ml.functions import array_to_vector
 
     vectors = {spark_ml.raw_prediction, spark_ml.probability}
+    # A row kept unscored (handleInvalid keep) has null arrays: null vectors (array_to_vector
+    # fails on a null).
     return scored.select(
-        *[array_to_vector(c).alias(c) if c in vectors else F.col(c) for c in scored.columns]
+        *[
+            F.when(F.col(c).isNotNull(), array_to_vector(c)).alias(c) if c in vectors else F.col(c)
+            for c in scored.columns
+        ]
     )
 
 
@@ -227,17 +248,60 @@ _LEPTON_TYPES = {
 
 def _output_fields(spec: FeatureSpec, spark_ml: SparkMLColumns | None) -> list[T.StructField]:
     if spark_ml is None:
-        return [T.StructField(n, _LEPTON_TYPES[t], False) for n, t in output_columns(spec)]
+        return [T.StructField(n, _LEPTON_TYPES[t], True) for n, t in output_columns(spec)]
+    # Nullable: handleInvalid 'keep' gives a row training would have refused null predictions.
     vector = T.ArrayType(T.DoubleType(), False)  # made a vector after the Arrow pass
     if spec.task == "classification":
         return [
-            T.StructField(spark_ml.raw_prediction, vector, False),
-            T.StructField(spark_ml.probability, vector, False),
-            T.StructField(spark_ml.prediction, T.DoubleType(), False),
+            T.StructField(spark_ml.raw_prediction, vector, True),
+            T.StructField(spark_ml.probability, vector, True),
+            T.StructField(spark_ml.prediction, T.DoubleType(), True),
         ]
     if spec.task == "regression":
-        return [T.StructField(spark_ml.prediction, T.DoubleType(), False)]
-    return [T.StructField(spark_ml.prediction, T.IntegerType(), False)]
+        return [T.StructField(spark_ml.prediction, T.DoubleType(), True)]
+    return [T.StructField(spark_ml.prediction, T.IntegerType(), True)]
+
+
+INVALID = "invalid"  # an observation's count of input rows with an invalid feature
+
+
+def _invalid_counts(spec: FeatureSpec, arrays: list[str]) -> list[Column]:
+    """Aggregates over the selected input: rows with an invalid feature (``invalid``) and per
+    column (``invalid:<column>``), as the scorer judges them (``serving/preprocess``)."""
+    from lepton_spark.data.quality import bad_array, bad_value
+
+    bad = {c: bad_value(c) for c in spec.numeric}
+    for a in spec.arrays:
+        column = _ARRAY + a.name if a.name in arrays else a.name
+        bad[a.name] = bad_array(column) | (F.size(column) != a.length)
+    if not bad:
+        return [F.lit(0).cast("long").alias(INVALID)]
+    anything = F.lit(False)
+    for flag in bad.values():
+        anything = anything | flag
+    return [
+        F.sum(anything.cast("long")).alias(INVALID),
+        *(F.sum(flag.cast("long")).alias(f"{INVALID}:{c}") for c, flag in bad.items()),
+    ]
+
+
+def invalid_counts(df: DataFrame, spec: FeatureSpec) -> tuple[int, dict[str, int]]:
+    """``df``'s rows with an invalid feature, and per column (one aggregate job)."""
+    arrays = _vector_features(df, spec)
+    from pyspark.ml.functions import vector_to_array
+
+    selected = df.select(
+        *[c for c in spec.input_columns if c not in arrays],
+        *[vector_to_array(F.col(name)).alias(_ARRAY + name) for name in arrays],
+    )
+    row = selected.agg(*_invalid_counts(spec, arrays)).first()
+    return _counted(row.asDict() if row is not None else {})
+
+
+def _counted(values: dict) -> tuple[int, dict[str, int]]:
+    prefix = INVALID + ":"
+    per_column = {k[len(prefix) :]: int(v or 0) for k, v in values.items() if k.startswith(prefix)}
+    return int(values.get(INVALID) or 0), {c: n for c, n in per_column.items() if n}
 
 
 def _scoring(
@@ -247,18 +311,19 @@ def _scoring(
     arrays: list[str],
     spark_ml: SparkMLColumns | None,
     counters: bool,
+    handle_invalid: str,
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """The ``mapInArrow`` function: load the model once per worker, score every batch."""
 
     def score_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        scorer, fresh = _worker_scorer(archive, threads)
+        scorer, fresh = _worker_scorer(archive, threads, handle_invalid)
         for batch in batches:
             inputs = batch
             for name in arrays:  # the model reads the vector as the plain array next to it
                 index = inputs.schema.get_field_index(name)
                 inputs = inputs.set_column(index, name, inputs.column(_ARRAY + name))
             if spark_ml is None:
-                predicted = scorer.predict_arrow(inputs, passed, source=batch)
+                predicted, _ = scorer.predict_arrow(inputs, passed, source=batch)
             else:
                 predicted = _spark_ml_batch(scorer, inputs, batch, passed, spark_ml)
             if counters:
@@ -277,17 +342,23 @@ def _spark_ml_batch(
     columns: SparkMLColumns,
 ) -> pa.RecordBatch:
     """``passed`` columns of ``batch`` as they came (vectors too), then Spark ML's columns."""
-    predicted = scorer.predict_spark_ml(inputs)
+    scored = scorer.score(inputs)
+    predicted = scorer.predict_spark_ml(scored)
     names = {
         "raw": columns.raw_prediction,
         "probability": columns.probability,
         "prediction": columns.prediction,
     }
-    arrays = [
-        pa.array(v) if v.ndim == 1 else list_column(v, np.float64) for v in predicted.values()
-    ]
+    nulls = scored.null_rows
+    arrays = []
+    for values in predicted.values():
+        full = scored.spread(values)
+        arrays.append(
+            pa.array(full, mask=nulls) if full.ndim == 1 else list_column(full, np.float64, nulls)
+        )
+    kept = kept_rows(batch, scored)
     return pa.RecordBatch.from_arrays(
-        [*(batch.column(name) for name in passed), *arrays],
+        [*(kept.column(name) for name in passed), *arrays],
         names=[*passed, *(names[k] for k in predicted)],
     )
 
@@ -372,12 +443,15 @@ def score(
     overwrite: bool = False,
     threads_per_task: int = 1,
     partitions: int | None = None,
+    handle_invalid: str | None = None,
 ) -> ScoreResult:
     """Score ``input_path`` (a path or table) with ``model_uri``; write Parquet to ``output``.
 
     ``keys``: input columns copied to the output beside the prediction (default: every input
     column that is not a model feature). ``partitions``: repartition the input first (default:
-    as it is read).
+    as it is read). ``handle_invalid``: what becomes of a row training would have refused
+    (``keep``, ``skip``, ``error``, ``fill``; default: the model's own policy); ``error`` counts
+    them first and writes nothing when there are any.
     """
     destination = locate(output)
     check_destination(destination, overwrite)
@@ -395,8 +469,30 @@ def score(
     if clash:
         raise ScoringError(f"input column(s) {clash} would clash with the output's columns")
     try:
+        policy = spec.check_invalid_policy(handle_invalid) if handle_invalid else None
+    except ValueError as err:
+        raise ScoringError(f"--invalid: {err}") from None
+    policy = policy or spec.invalid_policy
+    if policy == "error":
+        total, per_column = invalid_counts(df, spec)
+        if total:
+            raise ScoringError(
+                f"--input {input_path}: {total:,} rows have invalid features (null, NaN or "
+                f"infinite numbers, broken arrays; rows per column: "
+                f"{invalid_summary(per_column)}) and --invalid is 'error': nothing was written "
+                "(--invalid keep or skip scores the rest)"
+            )
+    invalid = Observation("lepton-invalid")
+    try:
         scored = scored_frame(
-            df, shipped, keys=keys, threads=threads_per_task, partitions=partitions, counters=True
+            df,
+            shipped,
+            keys=keys,
+            threads=threads_per_task,
+            partitions=partitions,
+            counters=True,
+            handle_invalid=policy,
+            observation=invalid,
         )
     except ScoringError as err:
         raise ScoringError(f"--input {input_path}: {err}") from None
@@ -415,6 +511,7 @@ def score(
     )
     seconds = time.perf_counter() - started
     counts = observed.get
+    invalid_rows, per_column = _counted(invalid.get)
     result = ScoreResult(
         model_uri=model_uri,
         output=written,
@@ -423,6 +520,9 @@ def score(
         model_loads=int(counts.get("loads") or 0),
         seconds=seconds,
         keys=keys,
+        handle_invalid=policy,
+        invalid_rows=invalid_rows,
+        invalid=per_column,
     )
     log.debug(
         "scored %d rows in %.1f s (%d Arrow batches, model loaded by %d Python worker(s)) → %s",

@@ -4,8 +4,12 @@ What ETL does on Spark is done here with Arrow compute, the same way:
 
 - a categorical value is matched as Spark casts it to a string (``3`` → ``"3"``, ``True`` →
   ``"true"``); a value not in the vocabulary, or null, is the "unknown" index 0;
-- a null, NaN or infinite number becomes the spec's ``fill_value``, then it is standardised with
-  the training statistics (when ``features.standardize`` was on);
+- a number is standardised with the training statistics (when ``features.standardize`` was on);
+- a row training would have refused (a null, NaN or infinite number; an array that is null, holds
+  such a value or has the wrong length) is *invalid*: :meth:`Preprocessor.prepare` says which rows
+  and columns, and fills its numbers with the spec's ``fill_value`` (then standardised, as ETL
+  does under ``features.nulls: fill``), its arrays with zeros; the scorer decides what becomes of
+  it (``handleInvalid``: error, skip, keep, fill);
 - text is lower-cased and split on anything but letters and digits, words become token ids.
 
 :func:`decode` goes the other way (shard rows as raw input columns), for checks and notebooks.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,6 +41,31 @@ from lepton_spark.spec import (
 Columnar = pa.Table | pa.RecordBatch
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The model's input arrays for every row, and which rows are invalid and why.
+
+    ``bad`` maps a column to its invalid rows (a bool per row), only for columns that have some;
+    ``numeric_only`` is true for rows whose only invalid values are numbers (what ``nulls: fill``
+    fills). Invalid rows hold placeholders (filled numbers, zero arrays)."""
+
+    inputs: dict[str, np.ndarray]
+    rows: int
+    bad: dict[str, np.ndarray]
+
+    @property
+    def invalid(self) -> np.ndarray:
+        """A bool per row: any invalid value."""
+        out = np.zeros(self.rows, dtype=bool)
+        for mask in self.bad.values():
+            out |= mask
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Invalid rows per column."""
+        return {c: int(m.sum()) for c, m in self.bad.items()}
+
+
 class Preprocessor:
     """Raw columns → the model's input arrays (:mod:`lepton_spark.spec`), as ETL prepares them."""
 
@@ -50,6 +80,21 @@ class Preprocessor:
         return [c for c in self.spec.input_columns if c not in columns]
 
     def __call__(self, data: Columnar) -> dict[str, np.ndarray]:
+        """The model's inputs, numbers that training would have refused filled with the spec's
+        ``fill_value``; a ``ValueError`` for an array it would have refused."""
+        prepared = self.prepare(data)
+        arrays = {a.name for a in self.spec.arrays}
+        for name, mask in prepared.bad.items():
+            if name in arrays:
+                raise ValueError(
+                    f"array column {name!r} has {int(mask.sum())} rows that are null, hold a "
+                    f"null, NaN or infinite value, or do not have the model's "
+                    f"{_length(self.spec, name)} values"
+                )
+        return prepared.inputs
+
+    def prepare(self, data: Columnar) -> Prepared:
+        """Every row's inputs and which rows training would have refused (see :class:`Prepared`)."""
         spec = self.spec
         missing = self.missing_columns(data.schema.names)
         if missing:
@@ -58,13 +103,17 @@ class Preprocessor:
                 f"the model reads {spec.input_columns}"
             )
         rows = data.num_rows
+        bad: dict[str, np.ndarray] = {}
         numeric = np.empty((rows, len(spec.numeric)), dtype=np.float32)
         for i, name in enumerate(spec.numeric):
             values = np.asarray(
                 pc.cast(data.column(name), pa.float64()).to_numpy(zero_copy_only=False),
                 dtype=np.float64,
             ).copy()
-            values[~np.isfinite(values)] = spec.fill_value
+            broken = ~np.isfinite(values)
+            if broken.any():
+                bad[name] = broken
+                values[broken] = spec.fill_value
             scale = spec.standardize.get(name)
             if scale is not None:
                 values = (values - scale.mean) / scale.std
@@ -82,27 +131,42 @@ class Preprocessor:
             )
         out = {"numeric": numeric, "categorical": categorical}
         for a in spec.arrays:
-            out[a.name] = _fixed_array(data.column(a.name), a.name, a.length).reshape(
-                rows, *a.shape
-            )
+            values, broken = _fixed_array(data.column(a.name), a.length)
+            if broken.any():
+                bad[a.name] = broken
+            out[a.name] = values.reshape(rows, *a.shape)
         for t, ids in zip(spec.texts, self._word_ids, strict=True):
             out[t.name] = token_ids(data.column(t.name).to_pylist(), ids, t.max_length)
-        return out
+        return Prepared(out, rows, bad)
 
 
-def _fixed_array(column: Any, name: str, length: int) -> np.ndarray:
+def _length(spec: FeatureSpec, name: str) -> int:
+    return next(a.length for a in spec.arrays if a.name == name)
+
+
+def _fixed_array(column: Any, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[rows, length]`` float32 values, and a bool per row that is null, holds a null, NaN or
+    infinite value, or has another length (its values are zeros)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    if column.null_count:
-        raise ValueError(f"array column {name!r} has {column.null_count} null rows")
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    if len(lengths) and (lengths.min() != length or lengths.max() != length):
-        raise ValueError(
-            f"array column {name!r} has rows of {lengths.min()}..{lengths.max()} values; the "
-            f"model takes {length}"
-        )
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    return values.reshape(len(column), length)
+    rows = len(column)
+    lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False)
+    # flatten() skips null rows and respects slicing; nulls inside a row become NaN.
+    flat = np.asarray(
+        pc.cast(column.flatten(), pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64
+    )
+    if rows and (lengths == length).all() and np.isfinite(flat).all():
+        return flat.astype(np.float32).reshape(rows, length), np.zeros(rows, dtype=bool)
+    starts = np.concatenate([[0], np.cumsum(np.maximum(lengths, 0))[:-1]]).astype(np.int64)
+    broken = lengths != length
+    out = np.zeros((rows, length), dtype=np.float32)
+    good = np.flatnonzero(~broken)
+    if len(good):
+        values = flat[starts[good, None] + np.arange(length)]
+        finite = np.isfinite(values).all(axis=1)
+        broken[good[~finite]] = True
+        out[good[finite]] = values[finite]
+    return out, broken
 
 
 def tokens(text: str | None) -> list[str]:

@@ -36,15 +36,20 @@ from mlflow.pyfunc import PythonModel
 from lepton_spark.config.schema import ModelConfig
 from lepton_spark.serving import network_file
 from lepton_spark.serving.scorer import (
+    POLICY_OUTCOME,
     SPEC_ARTIFACT,
     SPEC_FILE,
     WEIGHTS_ARTIFACT,
     Scorer,
+    invalid_summary,
     load_network,
 )
 from lepton_spark.spec import FeatureSpec
 
+log = logging.getLogger(__name__)
+
 MODEL_CODE = "model_code.py"  # in this package; read as a resource (it may be inside a zip)
+HANDLE_INVALID = "handleInvalid"  # the pyfunc model's param (Spark ML's name)
 
 
 class TabularModel(PythonModel):
@@ -55,7 +60,22 @@ class TabularModel(PythonModel):
         self.scorer = Scorer(spec, load_network(context.artifacts, spec))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
-        return self.scorer.predict_frame(model_input)
+        """Predictions on the input's index. ``params={"handleInvalid": ...}``: what becomes of a
+        row training would have refused (``keep``: null predictions, ``skip``: left out,
+        ``error``; the default is the model's own, see ``docs/model-lifecycle.md``)."""
+        policy = (params or {}).get(HANDLE_INVALID) or None
+        index = model_input.index if isinstance(model_input, pd.DataFrame) else None
+        frame, scored = self.scorer.with_policy(policy).predict_frame(model_input, index)
+        if scored.invalid_total:
+            log.warning(
+                "%s of %s rows have invalid features (%s): %s (handleInvalid=%r)",
+                f"{scored.invalid_total:,}",
+                f"{scored.rows:,}",
+                invalid_summary(scored.invalid),
+                POLICY_OUTCOME[scored.policy],
+                scored.policy,
+            )
+        return frame
 
 
 def log_model(
@@ -75,7 +95,7 @@ def log_model(
     import mlflow
 
     scorer = Scorer(spec, network)
-    example_output = scorer.predict_frame(raw_example)
+    example_output, _ = scorer.predict_frame(raw_example)
     with tempfile.TemporaryDirectory(prefix="lepton-model-") as tmp, _quiet_mlflow():
         signature = _signature(spec, raw_example, example_output)
         spec_file = Path(tmp) / SPEC_FILE
@@ -127,7 +147,7 @@ def _signature(spec: FeatureSpec, example: pd.DataFrame, output: pd.DataFrame) -
     for name in spec.categorical_names:  # integer codes: NaN must fit (3.0 is matched as "3")
         if pd.api.types.is_integer_dtype(example[name]):
             example[name] = example[name].astype("float64")
-    signature = infer_signature(example, output)
+    signature = infer_signature(example, output, params={HANDLE_INVALID: spec.invalid_policy})
     signature.inputs = Schema(
         [ColSpec(c.type, c.name, required=False) for c in signature.inputs.inputs]
     )

@@ -75,7 +75,7 @@ def test_a_logged_model_loads_and_predicts_with_pickle_deserialization_off(tmp_p
     experiment = mlflow.create_experiment("nopickle", artifact_location=(tmp_path / "a").as_uri())
     with mlflow.start_run(experiment_id=experiment):
         uri = log_model(network, MODEL, SPEC, EXAMPLE, pip_requirements=pip_requirements())
-    expected = Scorer(SPEC, network).predict_frame(EXAMPLE)
+    expected, _ = Scorer(SPEC, network).predict_frame(EXAMPLE)
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     model = mlflow.pyfunc.load_model(uri)
@@ -90,7 +90,7 @@ def test_a_logged_model_loads_and_predicts_with_pickle_deserialization_off(tmp_p
     assert pickles == []
     assert "model_code_path" in (local / "MLmodel").read_text()
     # Batch scoring reads the same folder.
-    again = load_scorer(local).predict_frame(EXAMPLE)
+    again, _ = load_scorer(local).predict_frame(EXAMPLE)
     assert again["prediction"].tolist() == expected["prediction"].tolist()
 
 

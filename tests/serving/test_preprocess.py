@@ -92,7 +92,8 @@ def test_scorer_probabilities_equal_the_network_on_preprocessed_features():
     np.testing.assert_allclose(scorer.probabilities(frame), expected.detach().numpy(), rtol=1e-6)
 
     batch = pa.RecordBatch.from_pandas(frame.assign(id=[10, 11]), preserve_index=False)
-    out = scorer.predict_arrow(batch, keys=["id"])
+    out, scored = scorer.predict_arrow(batch, keys=["id"])
+    assert scored.invalid_total == 0 and scored.scored is None
     assert out.schema.names == ["id", "prediction", "probabilities"]
     assert out.column("id").to_pylist() == [10, 11]
     assert out.column("prediction").to_pylist() == expected.argmax(dim=1).tolist()
@@ -122,5 +123,5 @@ def test_arrays_and_text_are_shaped_and_tokenised_like_etl():
     # "a" is not in the vocabulary (1); good=2, bad=3, film=4; 0 pads.
     assert prepared["doc"].tolist() == [[1, 2, 4, 2, 0], [0, 0, 0, 0, 0]]
     assert tokens("Hello,World  2x") == ["hello", "world", "2x"]
-    with pytest.raises(ValueError, match=r"rows of 3\.\.3 values; the model takes 16"):
+    with pytest.raises(ValueError, match=r"'img' has 1 rows .* the model's 16 values"):
         Preprocessor(IMAGE_TEXT)(pa.table({"img": [[1.0, 2.0, 3.0]], "doc": ["x"]}))
