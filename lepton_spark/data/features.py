@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from math import prod
+from typing import Any
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -17,7 +18,7 @@ from pyspark.sql import types as T
 
 from lepton_spark.config import ArrayConfig, FeatureSpecConfig
 from lepton_spark.data.columns import check_columns, is_vector
-from lepton_spark.data.quality import clean, statistics
+from lepton_spark.data.quality import clean, statistics, warn_unscaled
 from lepton_spark.data.text import token_ids, words
 from lepton_spark.errors import DataError
 from lepton_spark.spec import (
@@ -94,6 +95,7 @@ def build_features(
     """
     df = _checked(df, spec, keep)
     stats = statistics(df, spec)
+    warn_unscaled(spec, stats)
     df, rows = _cleaned(df, spec, stats, quality)
     num_classes = _num_classes(spec, stats)
     arrays = [_array_feature(a, stats) for a in spec.arrays]
@@ -137,7 +139,7 @@ def _checked(df: DataFrame, spec: FeatureSpecConfig, keep: tuple[str, ...]) -> D
 def _cleaned(
     df: DataFrame,
     spec: FeatureSpecConfig,
-    stats: dict[str, int | None],
+    stats: dict[str, Any],
     quality: dict[str, int] | None,
 ) -> tuple[DataFrame, int]:
     """``features.nulls`` applied to the bad values the statistics found; the rows left."""
@@ -153,7 +155,7 @@ def _cleaned(
     return clean(df, spec, bad, bad_rows, rows) if bad else (df, rows)
 
 
-def _num_classes(spec: FeatureSpecConfig, stats: dict[str, int | None]) -> int | None:
+def _num_classes(spec: FeatureSpecConfig, stats: dict[str, Any]) -> int | None:
     """Classification: ``num_classes`` (or the largest label + 1); every label inside it."""
     if spec.task != "classification":
         return None
@@ -216,7 +218,7 @@ def _selected(
     )
 
 
-def _array_feature(cfg: ArrayConfig, stats: dict[str, int | None]) -> ArrayFeature:
+def _array_feature(cfg: ArrayConfig, stats: dict[str, Any]) -> ArrayFeature:
     """The array's per-row shape: every row must have the same number of values."""
     low, high = stats[f"len_min:{cfg.name}"], stats[f"len_max:{cfg.name}"]
     if low is None or high is None or low != high:

@@ -1,12 +1,14 @@
 """Bad values: null, NaN or infinite numbers, null labels, negative weights, broken arrays.
 
 One pass (:func:`statistics`) counts them per column beside the row count, the label range and
-the array lengths; :func:`clean` applies ``features.nulls`` (fail, drop the rows, or fill numbers).
+the array lengths (and, with standardisation off, each number's spread: :func:`warn_unscaled`);
+:func:`clean` applies ``features.nulls`` (fail, drop the rows, or fill numbers).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -51,8 +53,9 @@ def bad_row(spec: FeatureSpecConfig) -> Column:
     return bad
 
 
-def statistics(df: DataFrame, spec: FeatureSpecConfig) -> dict[str, int | None]:
-    """Row count, label range, array lengths and bad values per column, in one pass."""
+def statistics(df: DataFrame, spec: FeatureSpecConfig) -> dict[str, Any]:
+    """Row count, label range, array lengths and bad values per column, in one pass (and each
+    number's standard deviation when standardisation is off)."""
     aggs = [
         F.count(F.lit(1)).alias("rows"),
         F.sum(bad_row(spec).cast("long")).alias("bad_rows"),
@@ -70,9 +73,34 @@ def statistics(df: DataFrame, spec: FeatureSpecConfig) -> dict[str, int | None]:
             F.min(F.when(kept, F.size(a.name))).alias(f"len_min:{a.name}"),
             F.max(F.when(kept, F.size(a.name))).alias(f"len_max:{a.name}"),
         ]
+    if not spec.standardize:  # said when a number's scale would dwarf the others'
+        aggs += [F.stddev(F.when(kept, F.col(c))).alias(f"std:{c}") for c in spec.numeric]
     row = df.agg(*aggs).first()
     assert row is not None
     return row.asDict()
+
+
+LARGE_STD = 100.0
+
+
+def warn_unscaled(spec: FeatureSpecConfig, stats: dict[str, Any]) -> list[str]:
+    """With standardisation off, warn naming each numeric feature whose standard deviation is
+    above :data:`LARGE_STD`; those names."""
+    large = {
+        c: float(stats[f"std:{c}"])
+        for c in spec.numeric
+        if stats.get(f"std:{c}") is not None and float(stats[f"std:{c}"]) > LARGE_STD
+    }
+    if large:
+        listed = ", ".join(f"{c!r} ({std:,.4g})" for c, std in large.items())
+        log.warning(
+            "numeric features with a standard deviation above %g: %s; features.standardize is "
+            "off, so they enter the model in these units and can dwarf the others "
+            "(features.standardize: true scales them with the training statistics)",
+            LARGE_STD,
+            listed,
+        )
+    return list(large)
 
 
 def clean(

@@ -186,3 +186,15 @@ def test_the_demos_run_key_fingerprint_is_what_earlier_versions_computed():
     assert cfg.training_fingerprint() == "c3590783a678f1cd"
     zstd = cfg.with_overrides({"shards.compression": "zstd"})
     assert zstd.training_fingerprint() == "c3590783a678f1cd"
+
+
+def test_standardize_left_out_follows_the_model_and_is_in_the_params():
+    demo = load_config(DEMO, {"features.standardize": None})
+    assert demo.features.standardize is True  # mlp
+    assert demo.flat()["features.standardize"] == "true"
+    linear = demo.with_overrides({"model.name": "linear", "features.standardize": None})
+    assert linear.features.standardize is False
+    assert linear.flat()["features.standardize"] == "false"
+    kmeans = load_config(ROOT / "pipelines" / "kmeans_blobs.yaml")
+    assert kmeans.features.standardize is False
+    assert demo.with_overrides({"features.standardize": False}).features.standardize is False

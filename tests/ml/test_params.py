@@ -22,11 +22,31 @@ def test_every_field_is_a_param_with_the_config_s_default_and_doc():
     for name, (section, field) in FIELDS.items():
         param = est.getParam(name)
         assert f"config: {section}.{field}" in param.doc
-        if (section, field) != ("features", "numeric"):  # the one field a config must set
+        if (section, field) == ("features", "standardize"):  # unset: follows the model
+            assert est.getOrDefault(param) is None and defaults[section][field] is True
+        elif (section, field) != ("features", "numeric"):  # the one field a config must set
             assert est.getOrDefault(param) == defaults[section][field], name
     assert est.getOrDefault("lr") == 1e-3 and est.getOrDefault("epochs") == 3
     assert est.getOrDefault("model") == "mlp" and est.getOrDefault("split_seed") == 42
     assert {"featuresCol", "labelCol", "weightCol", "predictionCol"} <= {p.name for p in est.params}
+
+
+@pytest.mark.parametrize(
+    ("model", "standardize"),
+    [
+        ("mlp", True),
+        ("cnn", True),
+        ("transformer", True),
+        ("pkg.mod:build", True),
+        ("linear", False),
+    ],
+)
+def test_standardize_left_unset_follows_the_model(model, standardize):
+    est = TorchEstimator(numeric=["a"], labelCol="y", model=model)
+    assert est.pipeline_config("v").features.standardize is standardize
+    assert TorchEstimator(
+        numeric=["a"], labelCol="y", model=model, standardize=not standardize
+    ).pipeline_config("v").features.standardize is (not standardize)
 
 
 def test_a_bad_value_fails_when_it_is_set_naming_the_param():
