@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import mlflow
 import numpy as np
@@ -14,8 +15,15 @@ from tests.helpers import ROOT
 FIXTURE = ROOT / "tests" / "fixtures" / "legacy_model"
 
 
-def test_a_model_logged_before_the_restructuring_loads_and_predicts_the_same():
-    model = mlflow.pyfunc.load_model(str(FIXTURE))
+def test_a_model_logged_before_the_restructuring_loads_and_predicts_the_same(caplog, monkeypatch):
+    from lepton_spark.serving import scorer
+
+    monkeypatch.setattr(scorer, "_SAID", set())
+    with caplog.at_level(logging.WARNING, logger="lepton_spark.serving.scorer"):
+        model = mlflow.pyfunc.load_model(str(FIXTURE))
+        mlflow.pyfunc.load_model(str(FIXTURE))
+    said = [r.getMessage() for r in caplog.records if "before lepton-spark 0.3" in r.getMessage()]
+    assert len(said) == 1, said  # once per process: it scores as it did, filling
     example = pd.DataFrame(
         {
             "x0": [0.1, 1.5, -2.0, None],
@@ -29,6 +37,10 @@ def test_a_model_logged_before_the_restructuring_loads_and_predicts_the_same():
     np.testing.assert_allclose(
         np.stack(out["probabilities"].to_numpy()), np.array(expected["probabilities"]), rtol=1e-6
     )
+    # Told otherwise, it keeps the row with the missing number unscored (its signature has no
+    # params, so MLflow drops them: `score --invalid`, TorchModel and the python model take it).
+    kept = model.unwrap_python_model().predict(None, example, params={"handleInvalid": "keep"})
+    assert kept["prediction"].isna().tolist() == [False, False, False, True]
     # It was unpickled through the old import paths, into today's classes.
     python_model = model.unwrap_python_model()
     assert type(python_model).__module__ == "lepton_spark.serving.pyfunc"
