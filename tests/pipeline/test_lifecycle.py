@@ -138,11 +138,14 @@ def check_raw_input_equals_training_preprocessing(spark, cfg, result) -> None:
 
     model = mlflow.pyfunc.load_model(result.model_uri)
     served = np.stack(model.predict(raw_rows[spec.input_columns])["probabilities"])
-    # Missing values pass MLflow's schema check: a missing number is filled, a category unknown.
+    # Missing values pass MLflow's schema check: a missing number is an invalid row (trained with
+    # nulls: fail, the model predicts nothing for it), a missing category the unknown index.
     gaps = raw_rows[spec.input_columns].head(3).copy()
     gaps.loc[0, "x0"], gaps.loc[1, "cat_a"] = np.nan, None
-    filled = np.stack(model.predict(gaps)["probabilities"])
-    np.testing.assert_allclose(filled.sum(axis=1), 1.0, rtol=1e-5)
+    out = model.predict(gaps)
+    assert out["prediction"].isna().tolist() == [True, False, False]
+    assert out["probabilities"].isna().tolist() == [True, False, False]
+    np.testing.assert_allclose(np.stack(out["probabilities"][1:]).sum(axis=1), 1.0, rtol=1e-5)
     network = load_scorer(local).network  # the safetensors weights, loaded without MLflow
     with torch.no_grad():
         logits = network(
