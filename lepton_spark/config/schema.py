@@ -182,7 +182,8 @@ class FeatureSpecConfig(_Frozen):
     """Rows with null/NaN/inf numeric features or a null label: fail the run, drop the rows, or
     fill the features with ``fill_value`` (a null label cannot be filled)."""
     fill_value: float = 0.0
-    """What a missing number becomes (``nulls: fill``, and in the served model)."""
+    """What a missing number becomes under ``nulls: fill`` (and, for such a model, in scoring:
+    filled before standardisation, as in training)."""
     standardize: bool | None = None
     """Standardise numeric features with mean and std computed on Spark; the statistics are
     stored with the model. Default (null): on for mlp, cnn, transformer and a user's factory,

@@ -137,7 +137,8 @@ def _quiet_mlflow() -> Iterator[None]:
 
 def _signature(spec: FeatureSpec, example: pd.DataFrame, output: pd.DataFrame) -> Any:
     """Inputs as the example has them, but numbers as doubles and every column optional: a
-    missing number is filled and a missing category is "unknown", so MLflow must let them in."""
+    missing number is the model's handleInvalid to handle (a null prediction, filled, left out or
+    an error) and a missing category is "unknown", so MLflow must let them in."""
     from mlflow.models import infer_signature
     from mlflow.types import ColSpec, Schema
 
