@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -58,8 +57,36 @@ class ConnectServer:
         return f"sc://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 120.0) -> ConnectServer:
+        """Start the server and wait until it listens. A port picked here (``port`` 0) is free
+        when picked, not always when the server binds it: when the server exits before it
+        listens because another process took the port, it is started again on another port."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port(self.host)
+        picked = not self.port
+        for _ in range(3 if picked else 1):
+            if picked:
+                self.port = free_port(self.host)
+            proc = self._spawn()
+            try:
+                if self._wait(proc, timeout_s):
+                    return self
+            except BaseException:
+                self.stop()
+                raise
+            if not self._port_taken():
+                break
+        self.stop()
+        raise ClusterError(
+            f"the Spark Connect server exited with code {proc.returncode}; see "
+            f"{self.folder / 'server.log'}"
+        )
+
+    def _port_taken(self) -> bool:
+        """Whether the server's log says it could not bind its port (Spark's own message:
+        ``java.net.BindException: Failed to bind to address ...``)."""
+        log = self.folder / "server.log"
+        return log.is_file() and "java.net.BindException" in log.read_text(errors="replace")
+
+    def _spawn(self) -> subprocess.Popen:
         conf = {
             **DEFAULT_CONF,
             "spark.connect.grpc.binding.address": self.host,
@@ -91,23 +118,17 @@ class ConnectServer:
             )
         self.pid = proc.pid
         self.save()
-        try:
-            self._wait(proc, timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return proc
 
-    def _wait(self, proc: subprocess.Popen, timeout_s: float) -> None:
+    def _wait(self, proc: subprocess.Popen, timeout_s: float) -> bool:
+        """``True`` once the server listens on its port (itself: not another process that took
+        the port), ``False`` if it exited first."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise ClusterError(
-                    f"the Spark Connect server exited with code {proc.returncode}; see "
-                    f"{self.folder / 'server.log'}"
-                )
-            if _listening(self.host, self.port):
-                return
+                return False
+            if _listening(proc.pid, self.port):
+                return True
             time.sleep(0.5)
         raise ClusterError(
             f"the Spark Connect server did not listen on {self.host}:{self.port} within "
@@ -147,12 +168,22 @@ class ConnectServer:
         self.stop()
 
 
-def _listening(host: str, port: int) -> bool:
+def _listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` (the server's JVM: spark-submit execs it) or one it started
+    listens on TCP ``port``."""
+    import psutil
+
     try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
         return False
+    for proc in family:
+        with contextlib.suppress(psutil.Error):
+            for conn in proc.net_connections("tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+                    return True
+    return False
 
 
 def _is_connect_server(pid: int) -> bool:

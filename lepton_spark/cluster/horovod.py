@@ -53,8 +53,8 @@ class RendezvousService(StartupServer):
     Horovod's HTTP store puts in front of every path; see :func:`rendezvous_address`). Anything
     else gets 403 and is counted (:attr:`refused`). Once every rank has said that its
     ``hvd.init()`` returned (:func:`lepton_spark.training.worker.tell_rendezvous_ready`: a PUT
-    under ``/SECRET:PORT/lepton_ready/RANK``), the server closes itself: the Gloo pairs are
-    connected, and nothing may join them later.
+    under ``/SECRET:PORT/lepton_ready/RANK``), the server closes itself, before it answers the
+    last rank: the Gloo pairs are connected, and nothing may join them later.
     """
 
     def __init__(self, host: str, slots: list[Slot], secret: str) -> None:
@@ -84,7 +84,7 @@ class RendezvousService(StartupServer):
         httpd.lepton_refused = 0
         httpd.lepton_ready = set()
         httpd.lepton_size = len(slots)
-        httpd.lepton_on_done = self.close_soon
+        httpd.lepton_on_done = self.close_now
         super().__init__(httpd, "horovod-rendezvous")
 
     @property
@@ -127,9 +127,9 @@ def _guarded_handler() -> type:
             if self.path.startswith(f"/{READY_SCOPE}/"):  # a rank's hvd.init() returned
                 server = self.server
                 server.lepton_ready.add(self.path.rsplit("/", 1)[-1])
-                self.send_status_code(200)
                 if len(server.lepton_ready) == server.lepton_size:
-                    server.lepton_on_done()
+                    server.lepton_on_done()  # the port is closed before the last rank hears
+                self.send_status_code(200)
                 return
             super().do_PUT()
 

@@ -34,13 +34,24 @@ class StartupServer:
         return self._closed.is_set()
 
     def close_soon(self) -> None:
-        """Every rank is connected: close the port, from another thread (a handler calls it)."""
+        """Every rank is connected: close the port, from another thread (returns at once)."""
+        self._all_in()
+        threading.Thread(target=self.stop, name=f"{self._name}-close", daemon=True).start()
+
+    def close_now(self) -> None:
+        """Every rank is connected: close the port before returning. A handler thread calls it
+        before it answers the last rank, so that no rank goes on (to training, whose first
+        step needs every rank) while the port is still open; never from the serving thread
+        (``shutdown`` waits for it), and only with daemon handler threads (not joined)."""
+        self._all_in()
+        self.stop()
+
+    def _all_in(self) -> None:
         log.info(
             "%s: every rank is connected after %.1f s; closing its port",
             self._name,
             time.monotonic() - self._started,
         )
-        threading.Thread(target=self.stop, name=f"{self._name}-close", daemon=True).start()
 
     def stop(self) -> None:
         """Stop serving and close the port; never waits on a client (idempotent, thread-safe).

@@ -234,13 +234,13 @@ class StoreService(StartupServer):
 
     It answers only the stage's slot addresses, and only requests signed with the stage's secret
     that it has not seen before; anything else gets 403 and is counted (:attr:`refused`). Once
-    every rank has said its process group is up (``ready``), it closes itself: the gloo or NCCL
-    connections are made, and nothing may join them later.
+    every rank has said its process group is up (``ready``), it closes itself, before it answers
+    the last rank: the gloo or NCCL connections are made, and nothing may join them later.
     """
 
     def __init__(self, host: str, slots: list[Slot], secret: str) -> None:
         httpd = _Server(host, slot_addresses(slots), secret, len(slots))
-        httpd.on_ready = self.close_soon
+        httpd.on_ready = self.close_now  # before the last rank's answer
         super().__init__(httpd, "torch-store")
 
     @property

@@ -13,20 +13,29 @@ from tests.helpers import wait_until
 
 class _Echo(socketserver.StreamRequestHandler):
     def handle(self) -> None:
-        self.wfile.write(self.rfile.readline())
+        line = self.rfile.readline()
+        if line == b"close\n":  # the last rank's ready call: closed before it is answered
+            self.server.lepton_close()  # type: ignore[attr-defined]
+        self.wfile.write(line)
 
 
-@pytest.mark.parametrize("how", ["close_soon", "stop"])
+@pytest.mark.parametrize("how", ["close_soon", "close_now", "stop"])
 def test_its_port_refuses_connections_once_closed(how):
     for attempt in range(50):
         httpd = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
         httpd.daemon_threads = True
         server = StartupServer(httpd, f"test-{attempt}")
+        httpd.lepton_close = server.close_now  # type: ignore[attr-defined]
         address = server.address
         with socket.create_connection(address, timeout=10) as client:
             client.sendall(b"hello\n")
             assert client.makefile("rb").readline() == b"hello\n"
-        if how == "close_soon":
+        if how == "close_now":  # from a handler thread, as the servers' handlers do
+            with socket.create_connection(address, timeout=10) as client:
+                client.sendall(b"close\n")
+                assert client.makefile("rb").readline() == b"close\n"
+            assert server.closed, attempt  # by the time the client heard back
+        elif how == "close_soon":
             server.close_soon()  # from another thread, as a handler does
             assert wait_until(lambda s=server: s.closed, 30, interval=0.001), attempt
         else:
