@@ -15,6 +15,7 @@ Connect. (One interpreter holds one kind of session: pyspark's own rule.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,10 @@ import pytest
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Every process this test session starts (Spark, its workers, ranks, the CLI) inherits it: what
+# tests.helpers.rank_processes looks for, so that another session's ranks on this machine are
+# not counted as this one's.
+os.environ.setdefault("LEPTON_TEST_SESSION", uuid.uuid4().hex)
 # Object-store tests talk to an S3 API on 127.0.0.1 (the s3 fixture): credentials for that server
 # only, and no AWS SDK here looks further (no instance-metadata lookups). Set before any Spark or
 # server process starts, so executors inherit them.
@@ -193,41 +198,85 @@ def mlflow_server_s3(tmp_path: Path, s3: S3) -> Iterator[str]:
 
 
 def _mlflow_server(tmp_path: Path, artifacts: str, env: dict[str, str] | None = None):
-    port = free_port()
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            artifacts,
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        env={**os.environ, **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
+    log_path = tmp_path / "server.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
+
+    def start(port: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path / 'server.db'}",
+                "--artifacts-destination",
+                artifacts,
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, **(env or {})},
+        )
+
+    def healthy(port: int) -> bool:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10):
+                return True
         except OSError:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
-    yield url
+            return False
+
+    proc, port = _start_server(start, healthy, log_path, "the mlflow server", 120)
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+
+
+def _start_server(
+    start: Callable[[int], subprocess.Popen],
+    up: Callable[[int], bool],
+    log_path: Path,
+    what: str,
+    timeout_s: float,
+) -> tuple[subprocess.Popen, int]:
+    """``start(port)`` on a port picked here, and wait until the server listens there and is
+    ``up(port)``; the process and its port. A port free when picked may be taken by another
+    process before the server binds it: the server exits then, and is started on another."""
+    for _ in range(3):
+        port = free_port()
+        proc = start(port)
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None:
+            if _listens(proc.pid, port) and up(port):
+                return proc, port
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait(timeout=30)
+                raise AssertionError(f"{what} did not come up: " + log_path.read_text()[-2000:])
+            time.sleep(0.2)
+    raise AssertionError(f"{what} exited: " + log_path.read_text()[-2000:])
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` or one it started listens on TCP ``port`` (and not some other
+    process that took the port)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for proc in family:
+        with contextlib.suppress(psutil.Error):
+            for conn in proc.net_connections("tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+                    return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -249,23 +298,17 @@ class S3:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An S3-compatible server (moto's standalone mode) on 127.0.0.1; its ``host:port``."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("s3") / "moto.log"
     log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            assert proc.poll() is None, log_path.read_text()[-2000:]
-            assert time.monotonic() < deadline, "the S3 server did not come up"
-            time.sleep(0.2)
+
+    def start(port: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    proc, port = _start_server(start, lambda port: True, log_path, "the S3 server", 90)
     yield f"127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)

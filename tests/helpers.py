@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+ENTRY = "lepton_spark.cluster.rank_main"
 
 
 def cli_env() -> dict[str, str]:
@@ -31,11 +32,15 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
 
 
 def rank_processes() -> list[psutil.Process]:
-    """Rank child processes (``python -m lepton_spark.cluster.rank_main``) alive on this machine."""
+    """Rank child processes (``python -m lepton_spark.cluster.rank_main``) alive on this machine
+    that this test session started (its ``LEPTON_TEST_SESSION``, set by tests/conftest.py, is in
+    their environment): another session's, running beside it, are not counted."""
+    session = os.environ.get("LEPTON_TEST_SESSION")
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "environ"]):
         cmdline = proc.info.get("cmdline") or []
-        if "lepton_spark.cluster.rank_main" in cmdline:
+        environ = proc.info.get("environ") or {}
+        if ENTRY in cmdline and environ.get("LEPTON_TEST_SESSION") == session:
             found.append(proc)
     return found
 

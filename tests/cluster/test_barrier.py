@@ -45,7 +45,7 @@ def rank_one_fails(ctx):
     hvd.init()
     if ctx.rank == 1:
         raise ValueError("the data on rank one is bad")
-    time.sleep(120)  # rank 0 waits; Spark must tear it down when rank 1 fails
+    time.sleep(600)  # rank 0 waits; Spark must tear it down when rank 1 fails
 
 
 def test_slot_plan_counts_local_and_cross_ranks_per_host():
@@ -71,10 +71,11 @@ def test_a_failing_rank_fails_the_stage_with_its_message_and_the_server_goes(spa
         run_barrier(spark, rank_one_fails, 2, on_event=events.append)
     assert "rank 1" in str(err.value)
     assert "ValueError: the data on rank one is bad" in str(err.value)
-    assert time.monotonic() - started < 90, "rank 0 was not torn down with the stage"
+    # Far less than rank 0's sleep, however slow the machine is at starting the ranks.
+    assert time.monotonic() - started < 300, "rank 0 was not torn down with the stage"
 
     [rendezvous] = [e for e in events if isinstance(e, Rendezvous)]
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while True:
         try:
             with socket.create_connection((rendezvous.host, rendezvous.port), timeout=1):
@@ -89,7 +90,7 @@ def test_too_many_ranks_fail_at_once_with_what_is_there(spark):
     started = time.monotonic()
     with pytest.raises(SlotsError, match=r"num_workers=3 .* has 2"):
         run_barrier(spark, allreduce_rank_values, 3)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30  # no waiting for slots (Spark's own check: minutes)
 
 
 def test_the_stage_runs_again_after_a_failure(spark, horovod):
@@ -115,9 +116,11 @@ def test_slot_checks_say_what_is_there_and_what_was_asked():
 def test_the_event_channel_is_probed_from_an_executor_before_the_ranks_start(spark):
     from lepton_spark.cluster.channel import EventServer
     from lepton_spark.cluster.stage import _probe_channel
-    from tests.conftest import free_port
 
     with EventServer("127.0.0.1", lambda e: None) as server:
         assert _probe_channel(spark, server.address) is None
-    closed = _probe_channel(spark, f"127.0.0.1:{free_port()}:token")
+    # A port bound here and never listened on: refused, and no other process can take it.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        closed = _probe_channel(spark, f"127.0.0.1:{held.getsockname()[1]}:token")
     assert closed is not None and "Connection refused" in closed

@@ -97,7 +97,7 @@ def submit_command(
     return command, environment
 
 
-def first_refusal(master: str, work: Path, timeout_s: float = 60.0) -> str:
+def first_refusal(master: str, work: Path, timeout_s: float = 180.0) -> str:
     """Submit without the cluster's secret; return the driver's first line saying the master
     refused it, then end the driver (or fail after ``timeout_s`` with what it printed)."""
     work.mkdir()

@@ -78,12 +78,13 @@ def test_a_rank_that_hangs_fails_the_stage_within_the_timeout_naming_it(
     assert re.match(r"rank 1 on \S+ stalled: no progress for \d+ s", message), message
     assert "training step 30" in message
     started = next(t for t, e in seen if isinstance(e, events.Start))
-    # Step 30 comes within a second of the start; then 5 s of stall, and the cancel.
-    assert failed_at - started < 5 + 10
+    # Step 30 comes within seconds of the start; then 5 s of stall, and the cancel (the hang
+    # itself is forever: the margin is for a busy machine).
+    assert failed_at - started < 5 + 40
     assert exit_code(failed.value) == EXIT_INFRA
     [run] = store_runs(tmp_path / "mlruns-data", cfg.name)
     assert run.info.status == "FAILED" and "rank 1" in run.data.tags["error"]
-    assert wait_until(lambda: not rank_processes(), 15), rank_processes()
+    assert wait_until(lambda: not rank_processes(), 60), rank_processes()
 
 
 @pytest.mark.slow
@@ -115,7 +116,7 @@ def test_a_sigterm_to_the_driver_kills_the_run_and_leaves_no_process(tmp_path, h
         assert len(rank_processes()) == 2 and len(family) >= 3
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        proc.wait(timeout=120)
         exited = time.monotonic() - signalled
     finally:
         if proc.poll() is None:
@@ -125,10 +126,10 @@ def test_a_sigterm_to_the_driver_kills_the_run_and_leaves_no_process(tmp_path, h
     assert "interrupted" in output and "epoch 30/30" not in output
     assert "retrying" not in output  # an interrupt is not a failure to retry
     print(f"SIGTERM → exit in {exited:.1f} s")
-    assert exited < 30
+    assert exited < 60  # measured: 6 s; the run itself would go on for minutes
     [run] = store_runs(tmp_path / "mlruns-data", "tabular-demo")
     assert run.info.status == "KILLED"
-    assert wait_until(lambda: not any(p.is_running() for p in family), 15), [
+    assert wait_until(lambda: not any(p.is_running() for p in family), 60), [
         p.cmdline() for p in family if p.is_running()
     ]
     assert not rank_processes()

@@ -12,8 +12,10 @@ from tests.helpers import wait_until
 def test_heartbeats_reach_the_driver_and_stop_when_closed():
     sent: list[events.Heartbeat] = []
     beat = HeartbeatSender(sent.append, rank=3, host="h", interval_s=0.05)
+    # Its thread's first beat (the start-up position) before the next: not a race with it.
+    assert wait_until(lambda: len(sent) >= 1, 60)
     beat.beat(0, 7)
-    assert wait_until(lambda: any((e.epoch, e.step) == (0, 7) for e in sent), 5)
+    assert wait_until(lambda: any((e.epoch, e.step) == (0, 7) for e in sent), 60)
     beat.close()
     count = len(sent)
     beat.beat(0, 8)
