@@ -339,6 +339,19 @@ _NOISY_ON_TASK_FAILURE = (
 )
 
 
+# What a rank says when its collective failed because another rank went away (Horovod, Gloo,
+# NCCL, torch.distributed): an echo of another rank's failure, not its cause.
+_PEER_LOST = re.compile(
+    r"Horovod has been shut down|HorovodInternalError|Connection closed by peer|"
+    r"Connection reset by peer|Broken pipe|NCCL communicator was aborted|DistNetworkError|"
+    r"DistBackendError"
+)
+
+
+def _peer_lost(error: str) -> bool:
+    return bool(_PEER_LOST.search(error))
+
+
 _FAILURES: dict[str, type[BarrierError]] = {
     "RankInputError": RankInputError,
     "StallError": StallError,
@@ -350,12 +363,16 @@ def _stage_failure(
     err: BaseException, failures: list[RankFailed]
 ) -> tuple[str, type[BarrierError]]:
     """The failed rank's own message if one reported it, else the gist of Spark's error; and
-    which kind of failure it was (bad input and stalls are told apart from errors)."""
-    deadline = time.monotonic() + 2.0  # the rank's report may still be on its way
-    while not failures and time.monotonic() < deadline:
+    which kind of failure it was (bad input and stalls are told apart from errors).
+
+    The cause is named, not its echo: a rank whose collective failed because a peer went away
+    (:func:`_peer_lost`) often reports first, so the reports of the others are waited for
+    (briefly) and the first that is not such an echo is the one told."""
+    deadline = time.monotonic() + 2.0  # the ranks' reports may still be on their way
+    while time.monotonic() < deadline and all(_peer_lost(f.error) for f in list(failures)):
         time.sleep(0.05)
     if failures:
-        first = failures[0]
+        first = next((f for f in list(failures) if not _peer_lost(f.error)), failures[0])
         if first.stalled:
             return first.error, StallError
         return first.error, RankInputError if first.input_error else BarrierError
