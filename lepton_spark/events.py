@@ -17,6 +17,7 @@ another version) is refused at the door instead of surprising a consumer later.
 ``rank_failed``  every rank's task    the rank's error: bad input? stopped by its task?
 ``rendezvous``   rank 0's task        where the Horovod rendezvous server listens
 ``retry``        the driver           the training stage runs again (for the console)
+``metrics``      rank 0 of a ``run``  a user function's ``log_metrics(dict, step)``
 ``dropped``      the driver           the event channel refused messages (by reason), at the
                                       end of a stage: logged as ``events/dropped_<reason>``
 ===============  ===================  ======================================================
@@ -110,13 +111,22 @@ class Retry(_Message):
     of: int = Field(ge=1)
 
 
+class Metrics(_Message):
+    """A user function's metrics (``lepton_spark.distributed``: ``context().log_metrics``)."""
+
+    event: Literal["metrics"] = "metrics"
+    rank: int = Field(ge=0)
+    step: int = Field(ge=0)
+    metrics: dict[str, float]
+
+
 class Dropped(_Message):
     event: Literal["dropped"] = "dropped"
     counts: dict[str, int]  # reason → messages (or connections) refused
 
 
 Event = Annotated[
-    Start | Progress | Epoch | Heartbeat | RankFailed | Rendezvous | Retry | Dropped,
+    Start | Progress | Epoch | Heartbeat | RankFailed | Rendezvous | Retry | Metrics | Dropped,
     Field(discriminator="event"),
 ]
 _EVENT: TypeAdapter[Any] = TypeAdapter(Event)

@@ -37,6 +37,7 @@ FOUNDATION = {
 }
 ALLOWED: dict[str, set[str]] = {
     "front door": {"pipeline", "ml"},  # lepton_spark/__init__.py: lazily
+    "shards front door": {"distributed"},  # lepton_spark/shards/__init__.py: materialize, lazily
     "foundation": set(),
     "models": set(),
     "shards": set(),
@@ -58,6 +59,9 @@ ALLOWED: dict[str, set[str]] = {
     },
     "ml": {"pipeline", "serving", "data", "tracking"},
     "cli": {"pipeline", "cluster", "tracking", "serving", "data", "shards"},
+    # run(fn): the stage and MLflow at the driver; the engines, loader and models on the ranks;
+    # materialize: the pipeline's shard step on a DataFrame (the estimator's view of it).
+    "distributed": {"cluster", "training", "shards", "tracking", "pipeline", "data", "ml"},
 }
 # Rooms that must never import these third-party packages.
 FORBIDDEN = {
@@ -65,6 +69,7 @@ FORBIDDEN = {
     "shards": {"mlflow"},
     "models": {"pyspark", "mlflow"},
     "cluster": {"mlflow"},
+    "distributed": {"horovod"},  # the engines import it, on the ranks that use it
     "ml": {"horovod"},
     "tracking": {"pyspark"},
     "foundation": {"pyspark", "mlflow", "torch"},
@@ -75,6 +80,8 @@ def room_of(path: Path) -> str:
     top = path.relative_to(PACKAGE).with_suffix("").parts[0]
     if top == "__init__":
         return "front door"
+    if path.relative_to(PACKAGE).as_posix() == "shards/__init__.py":
+        return "shards front door"
     return "foundation" if top in FOUNDATION else top
 
 
@@ -124,6 +131,8 @@ RANK_SIDE = [
     "lepton_spark.training.kmeans",
     "lepton_spark.shards.loader",
     "lepton_spark.cluster.rank_main",
+    "lepton_spark.distributed.rank",
+    "lepton_spark.distributed.rank_context",
 ]
 
 

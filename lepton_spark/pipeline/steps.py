@@ -22,20 +22,18 @@ import pandas as pd
 import torch
 
 from lepton_spark import baselines
-from lepton_spark.cluster.slots import elastic_ranks
-from lepton_spark.cluster.stage import BarrierSettings, run_barrier
+from lepton_spark.cluster.attempts import run_attempts
+from lepton_spark.cluster.stage import BarrierSettings
+from lepton_spark.cluster.task import RankContext
 from lepton_spark.config import PipelineConfig
 from lepton_spark.data.fingerprint import dataset_fingerprint
 from lepton_spark.data.prepare import prepare
 from lepton_spark.data.sources import raw_example
 from lepton_spark.errors import (
-    BarrierError,
     DataError,
-    InputError,
     ShardError,
-    SlotsError,
 )
-from lepton_spark.events import Event, Retry
+from lepton_spark.events import Event
 from lepton_spark.models import trained_network
 from lepton_spark.names import (
     INPUT_VIEW_PREFIX,
@@ -250,54 +248,35 @@ def train_with_retries(
     on_event: Callable[[Event], None],
     events_host: str | None = None,
 ) -> tuple[list[TrainResult], int]:
-    """Run the training stage; when a rank fails, run it again (``train.retries`` times).
+    """Run the training stage; when a rank fails, run it again (``train.retries`` times,
+    elastic down to ``train.min_workers``: :func:`~lepton_spark.cluster.attempts.run_attempts`).
 
     Each new attempt resumes from the last checkpoint rank 0 wrote, not from step 0. Returns the
-    ranks' results and how many attempts it took. Not retried: bad input found by a rank (a
-    shard that does not match its manifest), too few slots (the cluster will not change by
-    itself), interrupts. A stalled or lost rank is retried.
+    ranks' results and how many attempts it took.
     """
-    attempts = 1 + spec.train.retries
     settings = BarrierSettings(
         gloo_timeout_s=spec.train.gloo_timeout_s,
         stall_timeout_s=spec.train.stall_timeout_s,  # train_rank sends heartbeats: watched
         events_host=events_host,
         engine=spec.train.backend,
     )
-    wanted = spec.train.num_workers
-    for attempt in range(attempts):
-        # A retry after a lost executor waits for its replacement as long as a start-up may take;
-        # then, elastic (train.min_workers), it goes on with the slots that are left.
-        wait = None if attempt == 0 else settings.startup_s
-        ranks = wanted
-        try:
-            if attempt > 0:
-                least = spec.train.min_workers or wanted
-                ranks = elastic_ranks(spark, wanted, least, spec.train.device, wait)
-                wait = 0.0 if ranks < wanted else wait
-            train = spec.train.model_copy(update={"num_workers": ranks})
-            attempt_spec = dataclasses.replace(spec, train=train, attempt=attempt)
-            results = run_barrier(
-                spark,
-                functools.partial(train_rank, attempt_spec),
-                ranks,
-                on_event=on_event,
-                settings=dataclasses.replace(settings, slot_wait_s=wait),
-                device=spec.train.device,
-            )
-            return results, attempt + 1
-        except BarrierError as err:
-            if attempt + 1 == attempts or isinstance(err, InputError | SlotsError):
-                raise
-            log.warning(
-                "training attempt %d of %d failed: %s; running the stage again from the last "
-                "checkpoint",
-                attempt + 1,
-                attempts,
-                str(err).splitlines()[0],
-            )
-            on_event(Retry(attempt=attempt + 2, of=attempts))
-    raise AssertionError("unreachable")
+
+    def attempt_of(attempt: int, ranks: int) -> Callable[[RankContext], TrainResult]:
+        train = spec.train.model_copy(update={"num_workers": ranks})
+        return functools.partial(
+            train_rank, dataclasses.replace(spec, train=train, attempt=attempt)
+        )
+
+    return run_attempts(
+        spark,
+        attempt_of,
+        num_workers=spec.train.num_workers,
+        retries=spec.train.retries,
+        min_workers=spec.train.min_workers,
+        settings=settings,
+        device=spec.train.device,
+        on_event=on_event,
+    )
 
 
 def train(
