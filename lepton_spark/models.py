@@ -13,6 +13,10 @@ Built in:
   ``options``: ``channels`` (default ``[32, 64]``), ``hidden`` from the config;
 - ``transformer``: a Transformer encoder over the first text feature, trained from scratch;
   ``options``: ``d_model`` (64), ``heads`` (4), ``layers`` (2), ``feedforward`` (128);
+- ``hf``: a pretrained Hugging Face sequence classifier (``model.pretrained``: a folder saved with
+  ``save_pretrained``, a path or an object-store URI) fine-tuned over the first text feature,
+  tokenised with its own tokenizer (:mod:`lepton_spark.hf`); ``options`` go to its config
+  (``hidden_dropout_prob``, ...);
 - ``kmeans``: ``k`` centroids over the numeric features, trained by Lloyd's iterations across the
   ranks (:func:`lepton_spark.training.kmeans.train_kmeans`); ``options``: ``k`` (8),
   ``iterations`` (50), ``tolerance`` (1e-4); ``forward`` gives minus the squared distance to each
@@ -170,6 +174,55 @@ class TextTransformer(nn.Module):
         return self.head(pooled)
 
 
+class HFClassifier(nn.Module):
+    """``AutoModelForSequenceClassification`` over the first text feature: ``forward(inputs)``
+    → logits ``[rows, outputs]``, as every model here; the attention mask is ``ids != pad id``.
+
+    ``weights``: read the pretrained weights (training); a served model is rebuilt from the
+    config alone and gets its trained weights after (:mod:`lepton_spark.serving.network_file`).
+    """
+
+    def __init__(
+        self, spec: FeatureSpec, pretrained: str, weights: bool = True, **options: Any
+    ) -> None:
+        super().__init__()
+        from lepton_spark import hf
+
+        if not spec.texts:
+            raise ValueError("model 'hf' needs a text feature (features.text)")
+        hf.offline()
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        text = spec.texts[0]
+        self.text = text.name
+        self.pad_id = int(text.pad_id)
+        self.pretrained = pretrained
+        folder = str(hf.local_folder(pretrained))
+        config = AutoConfig.from_pretrained(
+            folder, num_labels=spec.output_size, local_files_only=True, **options
+        )
+        if spec.task == "regression":
+            config.problem_type = "regression"
+        if weights:
+            # A head of another size (a checkpoint fine-tuned for other labels) is made anew.
+            self.net = AutoModelForSequenceClassification.from_pretrained(
+                folder, config=config, local_files_only=True, ignore_mismatched_sizes=True
+            )
+        else:
+            self.net = AutoModelForSequenceClassification.from_config(config)
+
+    def forward(self, inputs: Inputs) -> torch.Tensor:
+        ids = inputs[self.text]
+        mask = (ids != self.pad_id).long()
+        mask[:, 0] = 1  # a text with no tokens at all still attends to its first slot
+        return self.net(input_ids=ids, attention_mask=mask).logits
+
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """The encoder's layers (the classes the model says must not be split), for FSDP."""
+        names = set(getattr(self.net, "_no_split_modules", None) or [])
+        return [m for m in self.net.modules() if type(m).__name__ in names]
+
+
 class KMeans(nn.Module):
     """``k`` centroids over the numeric features; ``forward`` = −squared distance to each."""
 
@@ -210,8 +263,11 @@ def resolve_callable(name: str, what: str) -> Callable[..., Any]:
         raise ValueError(str(err).replace("model", what, 1)) from None
 
 
-def build_model(cfg: ModelConfig, spec: FeatureSpec, seed: int | None = None) -> nn.Module:
-    """The configured model, initialised from ``seed`` when given."""
+def build_model(
+    cfg: ModelConfig, spec: FeatureSpec, seed: int | None = None, pretrained: bool = True
+) -> nn.Module:
+    """The configured model, initialised from ``seed`` when given (``pretrained``: an ``hf``
+    model reads its pretrained weights; a served one is rebuilt without them)."""
     if seed is not None:
         torch.manual_seed(seed)
     options = dict(cfg.options)
@@ -226,6 +282,10 @@ def build_model(cfg: ModelConfig, spec: FeatureSpec, seed: int | None = None) ->
         return TextTransformer(spec, dropout=cfg.dropout, **options)
     if cfg.name == "kmeans":
         return KMeans(spec, k=int(options.get("k", 8)))
+    if cfg.name == "hf":
+        if not cfg.pretrained:
+            raise ValueError("model 'hf' needs model.pretrained (a save_pretrained folder)")
+        return HFClassifier(spec, cfg.pretrained, weights=pretrained, **options)
     model = resolve_factory(cfg.name)(spec, **options)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {cfg.name!r} returned {type(model).__name__}, not an nn.Module")
@@ -236,6 +296,6 @@ def trained_network(
     cfg: ModelConfig, spec: FeatureSpec, state_dict: dict[str, torch.Tensor]
 ) -> nn.Module:
     """The configured network with trained weights, for serving (eval mode, on the CPU)."""
-    model = build_model(cfg, spec)
+    model = build_model(cfg, spec, pretrained=False)  # the trained weights come next
     model.load_state_dict(state_dict)
     return model.eval()

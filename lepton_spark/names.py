@@ -39,6 +39,7 @@ TAG_REGISTRY_MODEL = "registry.model"
 TAG_REGISTRY_VERSION = "registry.version"
 TAG_COMPRESSION = "compression"
 TAG_COMPRESSED_MODEL_URI = "compressed_model_uri"
+TAG_TRANSFORMERS_MODEL_URI = "transformers_model_uri"  # model hf: the transformers flavor
 TAG_REGISTRY_COMPRESSED_VERSION = "registry.compressed_version"
 TAG_BASELINE = "baseline"
 TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: the UI nests the run under its parent

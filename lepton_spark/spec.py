@@ -84,13 +84,19 @@ class ArrayFeature(BaseModel):
 
 
 class TextFeature(BaseModel):
-    """A text column as token ids: vocabulary built on Spark, padded/truncated to max_length."""
+    """A text column as token ids: vocabulary built on Spark, padded/truncated to max_length; or
+    (``tokenizer``) a Hugging Face fast tokenizer's ids, padded with its ``pad_id``."""
 
     model_config = ConfigDict(frozen=True)
 
     name: str
     vocabulary: list[str] = Field(description="the word of token id i + 2 (0: padding, 1: unknown)")
     max_length: int = Field(gt=0)
+    # A Hugging Face tokenizer (lepton_spark.hf): where it was at training (a served model
+    # carries its own copy), its vocabulary size and pad id. None: our words and vocabulary.
+    tokenizer: str | None = None
+    vocab_size: int | None = None
+    pad_id: int = PAD_TOKEN
 
     @property
     def column(self) -> str:
@@ -98,7 +104,10 @@ class TextFeature(BaseModel):
 
     @property
     def tokens(self) -> int:
-        """Rows of the token embedding: the vocabulary plus padding and unknown."""
+        """Rows of the token embedding: the vocabulary plus padding and unknown (a tokenizer's:
+        its vocabulary size)."""
+        if self.vocab_size is not None:
+            return self.vocab_size
         return len(self.vocabulary) + FIRST_WORD
 
 

@@ -39,13 +39,14 @@ ALLOWED: dict[str, set[str]] = {
     "front door": {"pipeline", "ml"},  # lepton_spark/__init__.py: lazily
     "shards front door": {"distributed"},  # lepton_spark/shards/__init__.py: materialize, lazily
     "foundation": set(),
-    "models": set(),
+    "models": {"hf"},
+    "hf": {"shards"},  # Hugging Face: tokenizers on the executors, pretrained folders
     "shards": set(),
     "training": {"shards", "models"},
-    "data": {"shards"},
+    "data": {"shards", "hf"},
     "cluster": set(),
     "tracking": {"shards"},
-    "serving": {"shards", "data", "models"},
+    "serving": {"shards", "data", "models", "hf"},
     "baselines": set(),
     "pipeline": {
         "data",
@@ -68,6 +69,7 @@ FORBIDDEN = {
     "training": {"pyspark", "mlflow"},
     "shards": {"mlflow"},
     "models": {"pyspark", "mlflow"},
+    "hf": {"pyspark", "mlflow", "torch"},
     "cluster": {"mlflow"},
     "distributed": {"horovod"},  # the engines import it, on the ranks that use it
     "ml": {"horovod"},

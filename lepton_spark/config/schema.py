@@ -155,6 +155,11 @@ class TextConfig(_Frozen):
     """The most frequent words kept."""
     min_count: int = Field(1, gt=0)
     """Words seen fewer times are 'unknown'."""
+    tokenizer: str | None = None
+    """A Hugging Face fast tokenizer (a ``save_pretrained`` folder: path or object-store URI):
+    the text is tokenised with it on the executors (its special tokens, cut or padded with its
+    pad id to ``max_length``) instead of lower-cased words and a vocabulary. Set for you to
+    ``model.pretrained`` with model ``hf``."""
 
 
 class FeatureSpecConfig(_Frozen):
@@ -411,7 +416,7 @@ class ModelConfig(_Frozen):
     """The network (``lepton_spark.models``)."""
 
     name: str = "mlp"
-    """``mlp`` | ``linear`` | ``cnn`` | ``transformer`` | ``kmeans``, or
+    """``mlp`` | ``linear`` | ``cnn`` | ``transformer`` | ``kmeans`` | ``hf``, or
     ``package.module:function`` (a factory taking the feature spec and the options, returning an
     ``nn.Module``)."""
     hidden: list[int] = Field(default_factory=lambda: [128, 64])
@@ -422,11 +427,15 @@ class ModelConfig(_Frozen):
     """Dropout after each hidden layer (mlp, cnn, transformer)."""
     options: dict[str, Any] = Field(default_factory=dict)
     """More arguments for the model (see ``lepton_spark.models``)."""
+    pretrained: str | None = None
+    """Model ``hf``: the pretrained Hugging Face model to fine-tune, a folder saved with
+    ``save_pretrained`` (config, weights, a fast tokenizer), as a path or an object-store URI
+    every rank reaches; never fetched from the hub."""
 
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        builtin = ("mlp", "linear", "cnn", "transformer", "kmeans")
+        builtin = ("mlp", "linear", "cnn", "transformer", "kmeans", "hf")
         if name not in builtin and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name):
             raise ValueError(
                 f"unknown model {name!r}: one of {', '.join(builtin)}, or 'package.module:function'"
@@ -552,6 +561,20 @@ class PipelineConfig(_Frozen):
         return {**data, "features": features}
 
     @model_validator(mode="after")
+    def _hf_tokenizer(self) -> PipelineConfig:
+        """Model ``hf``: its text features are tokenised with its own tokenizer unless told."""
+        if self.model.name != "hf" or not self.model.pretrained:
+            return self
+        texts = [
+            t if t.tokenizer else t.model_copy(update={"tokenizer": self.model.pretrained})
+            for t in self.features.text
+        ]
+        if texts != list(self.features.text):
+            features = self.features.model_copy(update={"text": texts})
+            object.__setattr__(self, "features", features)
+        return self
+
+    @model_validator(mode="after")
     def _sources_and_transform(self) -> PipelineConfig:
         if not self.sources:
             raise ValueError("'sources' needs at least one source")
@@ -571,6 +594,15 @@ class PipelineConfig(_Frozen):
                 "train.backend 'fsdp' shards a model's parameters and k-means has none to shard: "
                 "use 'horovod' or 'ddp'"
             )
+        if self.model.name == "hf" and not (self.model.pretrained and self.features.text):
+            raise ValueError(
+                "model 'hf' fine-tunes model.pretrained (a save_pretrained folder) over a text "
+                "feature (features.text): set both"
+            )
+        if self.model.name != "hf" and self.model.pretrained:
+            raise ValueError(f"model.pretrained is for model 'hf', not {self.model.name!r}")
+        if self.model.name == "hf" and self.compress.quantize:
+            raise ValueError("compress.quantize does not apply to model 'hf'")
         if self.compress.enabled and self.features.task != "classification":
             raise ValueError("compress is measured by accuracy: classification models only")
         if self.compress.quantize and self.model.name == "transformer":
@@ -614,6 +646,11 @@ class PipelineConfig(_Frozen):
             for k, v in dump["train"].items()
             if k not in TrainConfig.OPERATIONAL and TrainConfig.ADDED_DEFAULTS.get(k, ...) != v
         }
+        if dump["model"].get("pretrained") is None:  # added in 0.3: older run keys still match
+            dump["model"].pop("pretrained", None)
+        for text in dump["features"]["text"]:
+            if text.get("tokenizer") is None:
+                text.pop("tokenizer", None)
         dump["shards"].pop("keep")  # housekeeping, not the model
         dump["shards"].pop("compression")  # how the same rows are stored, not which
         return _digest(dump)

@@ -19,7 +19,7 @@ from pyspark.sql import types as T
 from lepton_spark.config import ArrayConfig, FeatureSpecConfig
 from lepton_spark.data.columns import check_columns, is_vector
 from lepton_spark.data.quality import clean, statistics, warn_unscaled
-from lepton_spark.data.text import token_ids, words
+from lepton_spark.data.text import hf_token_ids, token_ids, words
 from lepton_spark.errors import DataError
 from lepton_spark.spec import (
     UNKNOWN_INDEX,
@@ -185,6 +185,21 @@ def _tokenised(df: DataFrame, spec: FeatureSpecConfig) -> tuple[DataFrame, list[
     """Each text column's vocabulary, and its values as padded token ids."""
     texts = []
     for t in spec.text:
+        if t.tokenizer:  # a Hugging Face tokenizer: its ids, no vocabulary of ours
+            from lepton_spark import hf
+
+            size, pad = hf.tokenizer_facts(t.tokenizer)
+            feature = TextFeature(
+                name=t.name,
+                vocabulary=[],
+                max_length=t.max_length,
+                tokenizer=t.tokenizer,
+                vocab_size=size,
+                pad_id=pad,
+            )
+            texts.append(feature)
+            df = df.withColumn(t.name, hf_token_ids(F.col(t.name), feature))
+            continue
         feature = TextFeature(
             name=t.name,
             vocabulary=words(df, t.name, t.max_vocabulary, t.min_count),

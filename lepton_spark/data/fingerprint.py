@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 
 from lepton_spark import __version__
 from lepton_spark.config import PipelineConfig, SourceConfig
-from lepton_spark.errors import DataError
+from lepton_spark.errors import ConfigError, DataError
 from lepton_spark.names import INPUT_VIEW_PREFIX
 from lepton_spark.shards.manifest import FORMAT_VERSION
 from lepton_spark.sparkinfo import Session, is_connect
@@ -208,15 +208,34 @@ def dataset_fingerprint(spark: Session, cfg: PipelineConfig) -> tuple[str, dict[
     shards = cfg.shards.model_dump(mode="json", exclude={"root", "skew_warning", "keep"})
     if shards["compression"] == "none":  # added later: folders written before it stay reused
         del shards["compression"]
+    features = cfg.features.model_dump(mode="json")
+    for text in features["text"]:
+        if text.get("tokenizer") is None:  # added in 0.3: folders written before it stay reused
+            text.pop("tokenizer", None)
+        else:  # the tokenizer's content, not only where it is
+            text["tokenizer_sha256"] = _tokenizer_digest(text["tokenizer"])
     payload = {
         "format_version": FORMAT_VERSION,
         "lepton_spark": __version__,
         "sources": states,
         "transform": cfg.transform,
-        "features": cfg.features.model_dump(mode="json"),
+        "features": features,
         "split": cfg.split.model_dump(mode="json"),
         "shards": shards,
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     summary = {**payload, "sources": {n: _summary(s) for n, s in states.items()}}
     return digest, summary
+
+
+def _tokenizer_digest(where: str) -> str:
+    """sha256 of a Hugging Face tokenizer's ``tokenizer.json`` (what decides its token ids)."""
+    from lepton_spark.shards.storage import locate
+
+    target = locate(where).child("tokenizer.json")
+    if not target.is_file():
+        raise ConfigError(
+            f"features.text tokenizer {where!r}: no tokenizer.json there (save a fast "
+            "tokenizer with save_pretrained)"
+        )
+    return target.sha256()

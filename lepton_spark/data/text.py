@@ -1,12 +1,15 @@
-"""Text on Spark: lower case, split on anything but letters and digits, a vocabulary, token ids.
+"""Text on Spark: lower case, split on anything but letters and digits, a vocabulary, token ids;
+or a Hugging Face fast tokenizer's ids (:func:`hf_token_ids`), on the executors.
 
 The served model tokenises raw strings the same way (:mod:`lepton_spark.serving.preprocess`).
 """
 
 from __future__ import annotations
 
+import pandas as pd  # at the top: pandas_udf reads the function's type hints by name
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, LongType
 
 from lepton_spark.spec import FIRST_WORD, PAD_TOKEN, TOKEN_SPLIT, UNKNOWN_TOKEN, TextFeature
 
@@ -44,3 +47,19 @@ def token_ids(text: Column, feature: TextFeature) -> Column:
         )
     padding = F.array_repeat(F.lit(PAD_TOKEN).cast("long"), feature.max_length - F.size(mapped))
     return F.concat(mapped, padding)
+
+
+def hf_token_ids(text: Column, feature: TextFeature) -> Column:
+    """The Hugging Face tokenizer's ids, ``max_length`` of them (its special tokens, cut, padded
+    with its pad id), computed on the executors in Arrow batches; the tokenizer is loaded once
+    per Python worker (:func:`lepton_spark.hf.load_tokenizer`)."""
+    where, length = feature.tokenizer, feature.max_length
+    assert where is not None
+
+    def ids(texts: pd.Series) -> pd.Series:
+        from lepton_spark import hf
+
+        encoded = hf.encode(where, texts.where(texts.notna(), None).tolist(), length)
+        return pd.Series(list(encoded))
+
+    return F.pandas_udf(ids, ArrayType(LongType()))(text)

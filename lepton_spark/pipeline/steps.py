@@ -44,6 +44,7 @@ from lepton_spark.names import (
     TAG_REGISTRY_COMPRESSED_VERSION,
     TAG_REGISTRY_MODEL,
     TAG_REGISTRY_VERSION,
+    TAG_TRANSFORMERS_MODEL_URI,
     VAL_ACCURACY,
 )
 from lepton_spark.redact import redact_text
@@ -342,11 +343,17 @@ def publish_model(
     residuals = _residuals(network, shard_set) if spec.task == "regression" else None
     artifacts.log_pictures(run, chief.history, chief.steps_per_epoch, chief.confusion, residuals)
     example = raw_example(spark, cfg)
-    requirements = pyfunc.pip_requirements()
+    requirements = pyfunc.pip_requirements(cfg.model)
     with timed(timings, "model_logging"):
         model_uri = pyfunc.log_model(
             network, cfg.model, spec, example, pip_requirements=requirements
         )
+        if cfg.model.name == "hf":  # also as MLflow's transformers flavor, where it can be
+            try:
+                flavor = pyfunc.log_transformers_model(network)
+                run.set_tags({TAG_TRANSFORMERS_MODEL_URI: flavor})
+            except Exception as err:  # e.g. MLflow's flavor wants torchvision: our pyfunc serves
+                log.warning("the transformers flavor was not logged (%s); the pyfunc model is", err)
     run.set_tags({TAG_MODEL_URI: model_uri})
     version = None
     if cfg.tracking.registered_model:

@@ -6,7 +6,9 @@ A folder with two files:
   and whether Linear layers were quantized (``compress.quantize``);
 * ``network.safetensors``: the state dict. A dynamically quantized Linear keeps its int8 weights:
   its packed parameters are stored as the int8 values, the scale(s) and zero point(s), and the
-  float bias.
+  float bias;
+* ``hf/`` (model ``hf`` only): the Hugging Face config and tokenizer, so the network is rebuilt
+  and its text tokenised without the pretrained folder it was fine-tuned from.
 
 Loading rebuilds the network from lepton-spark's code and the feature spec
 (:func:`lepton_spark.models.build_model`), quantizes it the same way when it was, then loads the
@@ -47,7 +49,18 @@ def save(network: nn.Module, model: ModelConfig, folder: Path) -> None:
         "packed_dtypes": _flatten(network.state_dict())[1],
     }
     (folder / WEIGHTS_FILE).write_bytes(weights_bytes(network))
+    if model.name == "hf":  # its config and tokenizer: it loads where model.pretrained is not
+        from lepton_spark import hf
+
+        hf.save_parts(network, hf_parts(folder))
     (folder / ARCHITECTURE_FILE).write_text(json.dumps(architecture, indent=2))
+
+
+def hf_parts(folder: Path) -> Path:
+    """A served ``hf`` network's config and tokenizer (:func:`lepton_spark.hf.save_parts`)."""
+    from lepton_spark import hf
+
+    return folder / hf.PARTS
 
 
 def weights_bytes(network: nn.Module) -> bytes:
@@ -68,7 +81,10 @@ def load(folder: Path, spec: FeatureSpec) -> nn.Module:
         raise ValueError(
             f"{folder / ARCHITECTURE_FILE}: format {architecture.get('format')!r} is not {FORMAT!r}"
         )
-    network = build_model(ModelConfig.model_validate(architecture["model"]), spec).eval()
+    model = ModelConfig.model_validate(architecture["model"])
+    if model.name == "hf":  # rebuilt from the config it carries; the weights come below
+        model = model.model_copy(update={"pretrained": str(hf_parts(folder))})
+    network = build_model(model, spec, pretrained=False).eval()
     if architecture["quantized"]:
         network = quantize(network)
     state = _unflatten(load_file(str(folder / WEIGHTS_FILE)), architecture["packed_dtypes"])

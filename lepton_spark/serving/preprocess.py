@@ -136,7 +136,13 @@ class Preprocessor:
                 bad[a.name] = broken
             out[a.name] = values.reshape(rows, *a.shape)
         for t, ids in zip(spec.texts, self._word_ids, strict=True):
-            out[t.name] = token_ids(data.column(t.name).to_pylist(), ids, t.max_length)
+            texts = data.column(t.name).to_pylist()
+            if t.tokenizer:  # a Hugging Face tokenizer's ids, as the executors made them
+                from lepton_spark import hf
+
+                out[t.name] = hf.encode(t.tokenizer, texts, t.max_length)
+            else:
+                out[t.name] = token_ids(texts, ids, t.max_length)
         return Prepared(out, rows, bad)
 
 
@@ -203,6 +209,11 @@ def decode(
     for a in spec.arrays:
         frame[a.name] = list(next(rest).astype(np.float64))
     for t in spec.texts:
+        if t.tokenizer:
+            from lepton_spark import hf
+
+            frame[t.name] = hf.decode(t.tokenizer, next(rest))
+            continue
         words = np.array(["", "", *t.vocabulary], dtype=object)
         frame[t.name] = [" ".join(w for w in words[row] if w) for row in next(rest)]
     return pd.DataFrame(frame)

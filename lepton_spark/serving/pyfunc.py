@@ -43,6 +43,7 @@ from lepton_spark.serving.scorer import (
     Scorer,
     invalid_summary,
     load_network,
+    served_spec,
 )
 from lepton_spark.spec import FeatureSpec
 
@@ -57,6 +58,7 @@ class TabularModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         spec = FeatureSpec.model_validate_json(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
+        spec = served_spec(context.artifacts, spec)
         self.scorer = Scorer(spec, load_network(context.artifacts, spec))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
@@ -169,9 +171,16 @@ def _package_folder(scratch: Path) -> Path:
     return scratch / "code" / inside
 
 
-def pip_requirements() -> list[str]:
-    """What loads a served model; lepton-spark itself travels inside it (``code_paths``)."""
+def pip_requirements(model: ModelConfig | None = None) -> list[str]:
+    """What loads a served model; lepton-spark itself travels inside it (``code_paths``).
+    A Hugging Face model (``hf``) needs transformers and tokenizers too."""
+    hf = (
+        [f"transformers=={md.version('transformers')}", f"tokenizers=={md.version('tokenizers')}"]
+        if model is not None and model.name == "hf"
+        else []
+    )
     return [
+        *hf,
         f"torch=={torch.__version__.split('+')[0]}",
         f"numpy=={np.__version__}",
         f"pandas=={pd.__version__}",
@@ -180,3 +189,26 @@ def pip_requirements() -> list[str]:
         f"safetensors=={md.version('safetensors')}",
         f"mlflow=={md.version('mlflow')}",
     ]
+
+
+TRANSFORMERS_NAME = "transformers"  # the run's second logged model of an ``hf`` network
+
+
+def log_transformers_model(network: torch.nn.Module, name: str = TRANSFORMERS_NAME) -> str:
+    """The fine-tuned Hugging Face model and its tokenizer as MLflow's ``transformers`` flavor
+    (a ``text-classification`` pipeline) into the active run, beside our pyfunc: loadable with
+    ``mlflow.transformers.load_model`` by tools that speak Hugging Face. Its URI."""
+    import mlflow
+    from transformers import pipeline
+
+    from lepton_spark import hf
+
+    tokenizer = hf.load_tokenizer(network.pretrained)  # type: ignore[arg-type]
+    classifier = pipeline(
+        "text-classification", model=network.net, tokenizer=tokenizer, device="cpu"
+    )
+    with _quiet_mlflow():
+        info = mlflow.transformers.log_model(
+            transformers_model=classifier, name=name, task="text-classification"
+        )
+    return info.model_uri

@@ -293,7 +293,20 @@ def load_scorer(model_dir: str | Path, handle_invalid: str | None = None) -> Sco
     artifacts = Path(model_dir) / "artifacts"
     spec = FeatureSpec.model_validate_json((artifacts / SPEC_FILE).read_text())
     found = {p.name: str(p) for p in artifacts.iterdir()}
+    spec = served_spec(found, spec)
     return Scorer(spec, load_network(found, spec), handle_invalid)
+
+
+def served_spec(artifacts: Mapping[str, str], spec: FeatureSpec) -> FeatureSpec:
+    """The spec as the served model uses it: a Hugging Face tokenizer read from the copy the
+    model carries (``network/hf``), not from where it was at training."""
+    if WEIGHTS_ARTIFACT not in artifacts or not any(t.tokenizer for t in spec.texts):
+        return spec
+    parts = network_file.hf_parts(Path(artifacts[WEIGHTS_ARTIFACT]))
+    texts = [
+        t.model_copy(update={"tokenizer": str(parts)}) if t.tokenizer else t for t in spec.texts
+    ]
+    return spec.model_copy(update={"texts": texts})
 
 
 def load_network(artifacts: Mapping[str, str], spec: FeatureSpec) -> nn.Module:
