@@ -75,6 +75,11 @@ class Preprocessor:
         self._word_ids = [
             {w: i + FIRST_WORD for i, w in enumerate(t.vocabulary)} for t in spec.texts
         ]
+        for t in spec.texts:  # a Hugging Face tokenizer, in memory now (its folder may go)
+            if t.tokenizer:
+                from lepton_spark import hf
+
+                hf.load_tokenizer(t.tokenizer)
 
     def missing_columns(self, columns: list[str]) -> list[str]:
         return [c for c in self.spec.input_columns if c not in columns]

@@ -72,6 +72,15 @@ def test_ddp_fine_tunes_it_and_the_logged_model_predicts_from_raw_text(spark, be
     served = mlflow.pyfunc.load_model(result.model_uri).predict(docs[["text"]])
     assert (served.prediction.to_numpy() == docs.topic.to_numpy()).mean() >= 0.9
 
+    # The score command: raw text in Parquet, predictions out, the tokenizer the model carries.
+    from lepton_spark.serving.batch import score
+
+    docs.to_parquet(tmp_path / "docs.parquet")
+    scored = score(spark, result.model_uri, str(tmp_path / "docs.parquet"), str(tmp_path / "out"))
+    assert scored.rows == len(docs)
+    out = pd.read_parquet(tmp_path / "out").sort_values("id")
+    assert out.prediction.tolist() == served.prediction.tolist()
+
 
 @pytest.mark.slow
 def test_fsdp_shards_its_layers_and_a_killed_rank_resumes(spark, bert, tmp_path):
