@@ -1,0 +1,1 @@
+"""Examples of lepton_spark.distributed.run: see examples/README.md."""
