@@ -21,7 +21,6 @@ import io
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -232,7 +231,3 @@ class Context:
         self._position = (epoch, step)
         if self.beat is not None:
             self.beat(epoch, step, Phase.TRAINING)
-
-
-def resolved_folder(folder: str | Path | None) -> str | None:
-    return None if folder is None else locate(folder).uri

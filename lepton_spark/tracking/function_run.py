@@ -17,13 +17,12 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric
 
 from lepton_spark.config import TrackingConfig
 from lepton_spark.events import Event, InvalidEvent, Metrics, decode
-from lepton_spark.names import TAG_ERROR
 from lepton_spark.redact import redact_text
-from lepton_spark.tracking.run import experiment_id
+from lepton_spark.tracking.run import ended_status, experiment_id
 from lepton_spark.tracking.target import resolve_tracking
 
 log = logging.getLogger(__name__)
@@ -106,15 +105,5 @@ class FunctionRun:
         """End the run this object opened (the caller's own run stays open)."""
         if not self.owned or self.run_id is None:
             return
-        if error is None:
-            status = RunStatus.to_string(RunStatus.FINISHED)
-        elif isinstance(error, KeyboardInterrupt):
-            status = RunStatus.to_string(RunStatus.KILLED)
-        else:
-            status = RunStatus.to_string(RunStatus.FAILED)
-            try:
-                text = redact_text(f"{type(error).__name__}: {error}")[:5000]
-                self.client.set_tag(self.run_id, TAG_ERROR, text)
-            except Exception:  # the run must still be closed
-                log.exception("could not record the error on run %s", self.run_id)
+        status = ended_status(self.client, self.run_id, error)
         self.client.set_terminated(self.run_id, status)

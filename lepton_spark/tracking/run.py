@@ -55,6 +55,21 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) ->
     return client.create_experiment(name, artifact_location=location)
 
 
+def ended_status(client: MlflowClient, run_id: str, error: BaseException | None) -> str:
+    """The status a run ends with: FINISHED, KILLED (an interrupt) or FAILED, the error then
+    recorded as its ``error`` tag (redacted; never a reason not to close the run)."""
+    if error is None:
+        return RunStatus.to_string(RunStatus.FINISHED)
+    if isinstance(error, KeyboardInterrupt):
+        return RunStatus.to_string(RunStatus.KILLED)
+    try:
+        text = redact_text(f"{type(error).__name__}: {error}")[:5000]
+        client.set_tag(run_id, TAG_ERROR, text)
+    except Exception:  # the run must still be closed
+        log.exception("could not record the error on run %s", run_id)
+    return RunStatus.to_string(RunStatus.FAILED)
+
+
 class TrackedRun:
     """One MLflow run, owned by the driver. Use as a context manager."""
 
@@ -117,15 +132,8 @@ class TrackedRun:
             if self.resume_run_id:  # an earlier attempt's error no longer describes the run
                 with contextlib.suppress(Exception):
                     self.client.delete_tag(self.run_id, TAG_ERROR)
-        elif issubclass(exc_type, KeyboardInterrupt):
-            status = RunStatus.to_string(RunStatus.KILLED)
         else:
-            status = RunStatus.to_string(RunStatus.FAILED)
-            try:
-                error = redact_text(f"{exc_type.__name__}: {exc}")[:5000]
-                self.client.set_tag(self.run_id, TAG_ERROR, error)
-            except Exception:  # the run must still be closed
-                log.exception("could not record the error on run %s", self.run_id)
+            status = ended_status(self.client, self.run_id, exc)
         try:
             self.flush()
         except Exception:  # the run must still be closed
