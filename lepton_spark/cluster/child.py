@@ -51,6 +51,7 @@ class Watch:
 
     stall_timeout_s: float
     startup_s: float
+    setting: str = "train.stall_timeout_s"  # the knob the message names
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -117,7 +118,7 @@ def _wait(child: subprocess.Popen, work: Path, watch: Watch | None) -> str | Non
             child.wait()
             return (
                 f"stalled: no progress for {idle:.0f} s (limit {limit:g} s, "
-                f"train.stall_timeout_s), stuck {_describe(position)}; stopped by its own task"
+                f"{watch.setting}), stuck {_describe(position)}; stopped by its own task"
             )
 
 

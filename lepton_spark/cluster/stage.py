@@ -64,6 +64,7 @@ class BarrierSettings:
     slot_wait_s: float | None = None  # how long to wait for executors (None: Spark's setting)
     events_host: str | None = None  # where ranks reach the driver (None: see sparkinfo)
     engine: str = "horovod"  # train.backend: what the tasks set up for their ranks
+    stall_setting: str = "train.stall_timeout_s"  # the knob a stall message names
 
     @property
     def startup_s(self) -> float:
@@ -78,7 +79,9 @@ class BarrierSettings:
         if self.stall_timeout_s is None:
             return None
         return Watch(
-            stall_timeout_s=1.5 * self.stall_timeout_s + 5.0, startup_s=1.5 * self.startup_s + 5.0
+            stall_timeout_s=1.5 * self.stall_timeout_s + 5.0,
+            startup_s=1.5 * self.startup_s + 5.0,
+            setting=self.stall_setting,
         )
 
 
@@ -137,6 +140,7 @@ def run_barrier(
             timeout_s=settings.stall_timeout_s,
             startup_s=settings.startup_s,
             on_stall=lambda message: tag.cancel(),
+            setting=settings.stall_setting,
         )
         if settings.stall_timeout_s is not None
         else None
@@ -203,9 +207,10 @@ def _run_stage(
                     "the executors cannot reach this driver's event channel at %s (%s): "
                     "training runs on; its progress and metrics reach MLflow when the stage "
                     "ends, and a rank that stops moving is stopped by its own task after "
-                    "train.stall_timeout_s",
+                    "%s",
                     events.where,
                     unreachable,
+                    settings.stall_setting,
                 )
             task = barrier_task(
                 payload,

@@ -57,11 +57,13 @@ class StallWatch:
         startup_s: float,
         on_stall: Callable[[str], None],
         poll_s: float = 0.5,
+        setting: str = "train.stall_timeout_s",
     ) -> None:
         self.num_ranks = num_ranks
         self.timeout_s = timeout_s
         self.startup_s = startup_s
         self._on_stall = on_stall
+        self._setting = setting  # the knob the message names
         self._positions: dict[int, tuple[RankState, str]] = {}
         self._started = time.monotonic()
         self._moved = self._started
@@ -116,7 +118,7 @@ class StallWatch:
             )
             return (
                 f"{names} stalled: no progress for {idle:.0f} s (limit {limit:g} s, "
-                f"train.stall_timeout_s), stuck {lowest.describe()}{others}"
+                f"{self._setting}), stuck {lowest.describe()}{others}"
             )
 
     def _run(self, poll_s: float) -> None:

@@ -57,7 +57,9 @@ def run(
     :func:`lepton_spark.distributed.context` gives the rank, size, device, shard loader,
     ``log_metrics``, ``checkpoint`` and ``heartbeat``.
 
-    Returns rank 0's value, or every rank's in rank order with ``return_all``. A rank's error
+    Returns rank 0's value, or every rank's in rank order with ``return_all`` (only what is
+    returned travels back to the driver: without it, the other ranks' values are dropped on
+    their ranks). A rank's error
     fails the stage as a :class:`~lepton_spark.errors.BarrierError` naming the rank, its host
     and the error (bad input of the function's own, an ``InputError``, as
     :class:`~lepton_spark.errors.RankInputError`). With ``retries``, a failed stage runs
@@ -89,6 +91,7 @@ def run(
         stall_timeout_s=stall_timeout_s,
         events_host=events_host,
         engine="horovod" if backend == "horovod" else "ddp",  # "fsdp", "none": the store
+        stall_setting="run(stall_timeout_s=)",
     )
 
     def attempt(number: int, ranks: int) -> UserCall:
@@ -103,6 +106,7 @@ def run(
                 gloo_timeout_s=gloo_timeout_s,
                 stall_timeout_s=stall_timeout_s,
                 attempt=number,
+                return_all=return_all,
             ),
         )
 

@@ -40,6 +40,7 @@ class RunSettings:
     gloo_timeout_s: int = 120
     stall_timeout_s: float | None = None
     attempt: int = 0
+    return_all: bool = False  # every rank's value back to the driver, not rank 0's alone
 
 
 @dataclass
@@ -124,4 +125,5 @@ def run_on_rank(
         set_current(None)
         if engine is not None:
             engine.shutdown(clean)
-    return RankOutput(value, context.kept)
+    # Only what run() returns travels back: rank 0's value unless every rank's was asked for.
+    return RankOutput(value if rank == 0 or s.return_all else None, context.kept)

@@ -12,7 +12,7 @@ number of ranks, the local rank, the device, the engine (the process group is up
 * ``checkpoint.save(state)`` / ``checkpoint.load()``: rank 0 writes the state atomically into
   the run's checkpoint folder; every rank reads the last one back after a retry;
 * ``heartbeat(epoch, step)``: this rank moved (the stall watch's view, when ``run`` was given
-  ``stall_timeout_s``).
+  ``stall_timeout_s``); every batch a loader hands out counts as one.
 """
 
 from __future__ import annotations
@@ -101,12 +101,15 @@ class EpochBatches:
     loader: ShardLoader
     epoch: int
     device: torch.device
+    beat: Callable[[], None] | None = None  # a heartbeat at every batch (the stall watch's view)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader.epoch(self.epoch):
+            if self.beat is not None:
+                self.beat()
             yield batch.to(self.device)
 
 
@@ -162,8 +165,11 @@ class Context:
             self._loaders[key] = self._open(
                 folder, manifest, split, batch_size, shuffle, seed, shuffle_buffer, verify
             )
-        self.heartbeat(epoch, 0)
-        return EpochBatches(self._loaders[key], epoch, self.device)
+        if split == "train":
+            self.heartbeat(epoch, 0)  # a training epoch starts
+        else:
+            self.heartbeat()  # evaluating within the current epoch
+        return EpochBatches(self._loaders[key], epoch, self.device, self.heartbeat)
 
     def _open(
         self,
@@ -224,7 +230,8 @@ class Context:
     def heartbeat(self, epoch: int | None = None, step: int | None = None) -> None:
         """This rank moved: at ``step`` of ``epoch`` (by default one step further). With
         ``stall_timeout_s`` given to ``run``, a rank that goes that long without a heartbeat
-        is stopped and the stage fails naming it."""
+        is stopped and the stage fails naming it. Each batch of :meth:`loader` beats by
+        itself; call it in loops that read no batches from it."""
         last_epoch, last_step = self._position
         epoch = last_epoch if epoch is None else max(0, int(epoch))
         step = (last_step + 1 if epoch == last_epoch else 0) if step is None else int(step)

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from lepton_spark import distributed
 from lepton_spark.distributed.rank import RunSettings, UserCall, run_on_rank
-from lepton_spark.errors import BarrierError, ConfigError, RankInputError
+from lepton_spark.errors import BarrierError, ConfigError, RankInputError, StallError
 from lepton_spark.shards import materialize
 
 # The ranks (a Connect server's workers) cannot import tests/: the functions travel by value,
@@ -183,6 +183,36 @@ def test_the_functions_error_reaches_the_caller_naming_the_rank(spark, tmp_path)
         distributed.run(_fails, 0, spark=spark, backend="mpi")
 
 
+def _stalls(shards) -> None:
+    """Rank 1 reads 2 batches and hangs; rank 0 reads 3 and waits for it in an allreduce."""
+    import torch
+
+    ctx = distributed.context()
+    for _ in zip(range(3 - ctx.rank), ctx.loader(shards, 0, 256), strict=False):
+        pass
+    if ctx.rank == 1:
+        time.sleep(300)
+    torch.distributed.all_reduce(torch.ones(1))
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_moving_is_named_and_the_stage_stopped(spark, tmp_path):
+    shards = materialize(
+        _frame(spark, 4_000),
+        label="label",
+        numeric=["a", "b"],
+        num_workers=2,
+        root=str(tmp_path / "shards"),
+    )
+    started = time.monotonic()
+    with pytest.raises(StallError) as err:
+        distributed.run(_stalls, shards, spark=spark, num_workers=2, stall_timeout_s=5)
+    message = str(err.value)
+    assert "rank 1 on" in message and "rank 0" not in message.split("stalled")[0], message
+    assert "run(stall_timeout_s=)" in message and "epoch 1, training step 2" in message, message
+    assert time.monotonic() - started < 120  # not the 300 s sleep, nor Gloo's 120 s timeout
+
+
 def _one_rank() -> dict:
     import torch
 
@@ -205,3 +235,15 @@ def test_the_rank_side_is_a_plain_function_and_context_is_only_set_inside(tmp_pa
     assert torch.load(tmp_path / "state.pt", weights_only=True)["n"].tolist() == [7]
     with pytest.raises(RuntimeError, match="only available inside"):
         distributed.context()
+
+
+def _rank_value() -> int:
+    return distributed.context().rank + 10
+
+
+def test_only_the_values_run_returns_leave_their_ranks():
+    quiet = UserCall(_rank_value, (), {}, RunSettings(backend="none"))
+    every = UserCall(_rank_value, (), {}, RunSettings(backend="none", return_all=True))
+    assert run_on_rank(quiet, rank=0, size=2).value == 10
+    assert run_on_rank(quiet, rank=1, size=2).value is None  # dropped on rank 1
+    assert run_on_rank(every, rank=1, size=2).value == 11
