@@ -81,6 +81,15 @@ def test_ddp_fine_tunes_it_and_the_logged_model_predicts_from_raw_text(spark, be
     out = pd.read_parquet(tmp_path / "out").sort_values("id")
     assert out.prediction.tolist() == served.prediction.tolist()
 
+    # TorchModel.transform, Spark ML's way: the same raw text as a DataFrame, the same answers.
+    from lepton_spark.ml import TorchModel
+
+    model = TorchModel.from_mlflow(result.model_uri, tracking_uri=result.tracking_uri)
+    frame = model.transform(spark.createDataFrame(docs[["id", "text"]]))
+    rows = frame.select("id", "prediction", "probability").toPandas().sort_values("id")
+    assert rows.prediction.astype(int).tolist() == served.prediction.tolist()
+    assert all(abs(sum(p.toArray()) - 1) < 1e-5 for p in rows.probability)
+
 
 @pytest.mark.slow
 def test_fsdp_shards_its_layers_and_a_killed_rank_resumes(spark, bert, tmp_path):
@@ -108,3 +117,32 @@ def test_fsdp_shards_its_layers_and_a_killed_rank_resumes(spark, bert, tmp_path)
     mlflow.set_tracking_uri(result.tracking_uri)
     served = mlflow.pyfunc.load_model(result.model_uri).predict(docs[["text"]])
     assert (served.prediction.to_numpy() == docs.topic.to_numpy()).mean() >= 0.9
+
+
+@pytest.mark.slow
+def test_the_estimator_fine_tunes_it_on_a_dataframe_of_raw_text(spark, bert, tmp_path):
+    from lepton_spark.ml import TorchEstimator
+
+    train = spark.createDataFrame(texts_and_topics(seed=2, rows=3000).drop(columns="id"))
+    estimator = TorchEstimator(
+        model="hf",
+        pretrained=str(bert),
+        text=[{"name": "text", "max_length": 32}],
+        labelCol="topic",
+        num_classes=4,
+        num_workers=2,
+        epochs=2,
+        batch_size=32,
+        lr=0.002,
+        shards_root=str(tmp_path / "shards"),
+        checkpoint_root=str(tmp_path / "checkpoints"),
+        local_store=str(tmp_path / "mlruns-data"),
+        system_metrics_interval_s=None,
+        name="hf-estimator",
+    ).with_progress(lambda e: None)
+    model = estimator.fit(train)
+    assert model.metrics["val/accuracy"] >= 0.9
+    docs = texts_and_topics(seed=3)  # documents the model never saw
+    out = model.transform(spark.createDataFrame(docs)).select("id", "prediction").toPandas()
+    out = out.sort_values("id")
+    assert (out.prediction.astype(int).to_numpy() == docs.topic.to_numpy()).mean() >= 0.9
