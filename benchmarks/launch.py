@@ -1,5 +1,6 @@
 """Launch cost: an empty training function (start the engine, one allreduce, stop) on 2 ranks
-through lepton-spark's barrier stage and through the peers' launchers, alternating, on
+through lepton-spark's barrier stage (the pipeline's, and ``distributed.run(fn)`` on it) and
+through the peers' launchers, alternating, on
 ``local[2]``; and where the time of our launch goes (:func:`breakdown`). Shared by
 ``vs_torchdistributor`` and ``vs_horovod_run``."""
 
@@ -13,6 +14,34 @@ import psutil
 
 from benchmarks._common import median
 from lepton_spark.cluster.stage import BarrierSettings, run_barrier
+
+
+def run_fn(spark: Any, backend: str) -> float:
+    """Seconds for ``lepton_spark.distributed.run`` to run the empty function on 2 ranks (the
+    process group up before it starts, as a user's function finds it)."""
+    from lepton_spark import distributed
+
+    started = time.perf_counter()
+    results = distributed.run(
+        _empty_user_fn, backend, spark=spark, num_workers=2, backend=backend, return_all=True
+    )
+    assert results == [2.0, 2.0], results
+    return time.perf_counter() - started
+
+
+def _empty_user_fn(backend: str) -> float:
+    """A user's function under ``run``: one allreduce (the engine is already up)."""
+    import torch
+
+    if backend == "horovod":
+        import horovod.torch as hvd
+
+        return float(hvd.allreduce(torch.ones(1), op=hvd.Sum)[0])
+    import torch.distributed as dist
+
+    value = torch.ones(1)
+    dist.all_reduce(value)
+    return float(value[0])
 
 
 def ours(spark: Any, backend: str) -> float:
