@@ -61,22 +61,37 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def run_child(payload: bytes, ctx: Any, env: dict[str, str], watch: Watch | None = None) -> bytes:
-    """Run the pickled ``fn(ctx)`` in a child interpreter; its pickled result, or raise."""
+def run_child(
+    payload: bytes,
+    ctx: Any,
+    env: dict[str, str],
+    watch: Watch | None = None,
+    warm: bool = False,
+) -> bytes:
+    """Run the pickled ``fn(ctx)`` in a child interpreter; its pickled result, or raise.
+    ``warm``: the child is forked from the executor's warm process
+    (:mod:`lepton_spark.cluster.warm`) when it serves, else started afresh."""
     work = Path(tempfile.mkdtemp(prefix=f"lepton-rank{ctx.rank}-"))
     try:
         (work / IN_FILE).write_bytes(payload + cloudpickle.dumps(ctx))
         child_env = {**os.environ, **env}
         child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        with open(work / LOG_FILE, "wb") as out:
-            child = subprocess.Popen(
-                [sys.executable, "-m", ENTRY_MODULE, str(work)],
-                env=child_env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            )
+        (work / LOG_FILE).touch(mode=0o600)
+        with open(work / LOG_FILE, "ab") as out:
+            child: Any = None
+            if warm and sys.platform.startswith("linux"):
+                from lepton_spark.cluster.warm import fork_child
+
+                child = fork_child(work, child_env, work / LOG_FILE)
+            if child is None:
+                child = subprocess.Popen(
+                    [sys.executable, "-m", ENTRY_MODULE, str(work)],
+                    env=child_env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                )
             try:
                 stalled = _wait(child, work, watch)
             except BaseException:  # the task is going (cancelled, interrupted): so is its rank
@@ -94,7 +109,7 @@ def run_child(payload: bytes, ctx: Any, env: dict[str, str], watch: Watch | None
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _wait(child: subprocess.Popen, work: Path, watch: Watch | None) -> str | None:
+def _wait(child: Any, work: Path, watch: Watch | None) -> str | None:
     """Wait for the child to exit; with a watch, kill it once it stops moving, and say how."""
     if watch is None:
         child.wait()

@@ -41,6 +41,19 @@ def _exit_when_orphaned(parent: int) -> None:
             os._exit(137)
 
 
+def _exit_when_task_gone(task_pid: int) -> None:
+    """A warm rank's child (:mod:`lepton_spark.cluster.warm`) is the server's, not the task's:
+    leave when the task's process is gone."""
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(task_pid, 0)
+        except ProcessLookupError:
+            os._exit(137)
+        except PermissionError:
+            pass
+
+
 class _Reporter:
     """The rank's ``report``: events to the driver (when there is a channel), and the latest
     heartbeat position to ``HEARTBEAT_FILE`` for the task's own watch."""
@@ -58,9 +71,15 @@ class _Reporter:
             self._client.send(event)
 
 
-def main(workdir: str) -> int:
+def main(workdir: str, task_pid: int | None = None) -> int:
+    """The rank: ``task_pid`` when this process was forked by the warm server, not started by
+    the task itself."""
     work = Path(workdir)
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    if task_pid is None:
+        watch = threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True)
+    else:
+        watch = threading.Thread(target=_exit_when_task_gone, args=(task_pid,), daemon=True)
+    watch.start()
     with open(work / IN_FILE, "rb") as f:
         fn = cloudpickle.load(f)
         ctx = cloudpickle.load(f)

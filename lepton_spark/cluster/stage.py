@@ -65,6 +65,7 @@ class BarrierSettings:
     events_host: str | None = None  # where ranks reach the driver (None: see sparkinfo)
     engine: str = "horovod"  # train.backend: what the tasks set up for their ranks
     stall_setting: str = "train.stall_timeout_s"  # the knob a stall message names
+    warm_ranks: bool = True  # ranks forked from the executor's warm process (cluster/warm.py)
 
     @property
     def startup_s(self) -> float:
@@ -215,7 +216,11 @@ def _run_stage(
             task = barrier_task(
                 payload,
                 TaskSettings(
-                    address, settings.gloo_timeout_s, settings.watch, engine=settings.engine
+                    address,
+                    settings.gloo_timeout_s,
+                    settings.watch,
+                    engine=settings.engine,
+                    warm_ranks=settings.warm_ranks,
                 ),
             )
             stage = spark.range(0, num_workers, 1, num_workers).mapInArrow(

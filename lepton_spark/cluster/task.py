@@ -68,6 +68,7 @@ class TaskSettings:
     # The stage's rendezvous secret, made by the driver; travels only inside the task.
     rendezvous_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
     engine: str = "horovod"  # train.backend: horovod's rendezvous, or torch.distributed's store
+    warm_ranks: bool = True  # fork the rank from the executor's warm process (cluster/warm.py)
 
 
 def result_rows(rank: int, payload: bytes) -> pa.RecordBatch:
@@ -143,7 +144,7 @@ def barrier_task(
                 env[ENV_VAR] = settings.events
             context = RankContext(slot=slots[rank], gpus=gpus, cpus=tc.cpus())
             try:
-                result = run_child(payload, context, env, settings.watch)
+                result = run_child(payload, context, env, settings.watch, settings.warm_ranks)
             except BarrierError as err:
                 if client:
                     failed = RankFailed(

@@ -46,6 +46,7 @@ def run(
     events_host: str | None = None,
     experiment: str | None = None,
     on_event: Callable[[Event], None] | None = None,
+    warm_ranks: bool = True,
     **kwargs: Any,
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` on ``num_workers`` ranks of one Spark barrier stage.
@@ -71,6 +72,8 @@ def run(
     loader epoch) is stopped and the stage fails naming it; ``None``, the default, watches no
     steps (start-up is bounded all the same by ``gloo_timeout_s``). Metrics go to the active
     MLflow run, or a new run of ``experiment`` (``lepton-spark-run``) opened at the first one.
+    ``warm_ranks``: fork the ranks from the executor's warm process, torch already imported
+    (``False``: a fresh interpreter for each rank; see ``train.warm_ranks``).
     ``spark``: the session (classic or Connect; default: the active one). Every other keyword
     goes to ``fn``.
     """
@@ -92,6 +95,7 @@ def run(
         events_host=events_host,
         engine="horovod" if backend == "horovod" else "ddp",  # "fsdp", "none": the store
         stall_setting="run(stall_timeout_s=)",
+        warm_ranks=warm_ranks,
     )
 
     def attempt(number: int, ranks: int) -> UserCall:

@@ -260,6 +260,7 @@ def train_with_retries(
         stall_timeout_s=spec.train.stall_timeout_s,  # train_rank sends heartbeats: watched
         events_host=events_host,
         engine=spec.train.backend,
+        warm_ranks=spec.train.warm_ranks,
     )
 
     def attempt_of(attempt: int, ranks: int) -> Callable[[RankContext], TrainResult]:

@@ -36,25 +36,32 @@ def fails(ctx):
     raise ValueError("bad rows on rank 0")
 
 
-def run(fn, watch=None):
-    return cloudpickle.loads(run_child(cloudpickle.dumps(fn), CONTEXT, {}, watch))
+def run(fn, watch=None, warm=False):
+    return cloudpickle.loads(run_child(cloudpickle.dumps(fn), CONTEXT, {}, watch, warm))
 
 
-def test_the_child_s_result_comes_back_whole():
-    rank, result = run(answers, Watch(stall_timeout_s=120, startup_s=120))
+# Each holds for a fresh interpreter and for a child forked by the warm rank process.
+fresh_or_warm = pytest.mark.parametrize("warm", [False, True], ids=["fresh", "warm"])
+
+
+@fresh_or_warm
+def test_the_child_s_result_comes_back_whole(warm):
+    rank, result = run(answers, Watch(stall_timeout_s=120, startup_s=120), warm)
     assert rank == 0 and result == {"rank": 0, "big": b"x" * 100_000}
 
 
-def test_a_child_that_stops_moving_is_stopped_by_its_own_task():
+@fresh_or_warm
+def test_a_child_that_stops_moving_is_stopped_by_its_own_task(warm):
     started = time.monotonic()
     with pytest.raises(StallError) as stopped:
-        run(beats_then_hangs, Watch(stall_timeout_s=2, startup_s=60))
+        run(beats_then_hangs, Watch(stall_timeout_s=2, startup_s=60), warm)
     assert time.monotonic() - started < 120  # the hang is 600 s: the watch stopped it
     message = str(stopped.value)
     assert message.startswith("rank 0 on 127.0.0.1 stalled: no progress for")
     assert "at epoch 1, training step 3" in message and "stopped by its own task" in message
 
 
-def test_a_failing_child_names_its_error():
+@fresh_or_warm
+def test_a_failing_child_names_its_error(warm):
     with pytest.raises(BarrierError, match=r"rank 0 on 127\.0\.0\.1 failed: ValueError: bad rows"):
-        run(fails)
+        run(fails, warm=warm)
