@@ -22,6 +22,10 @@ Built in:
   ``iterations`` (50), ``tolerance`` (1e-4); ``forward`` gives minus the squared distance to each
   centroid.
 
+``train.activation_checkpointing`` (:func:`set_activation_checkpointing`): ``cnn``,
+``transformer`` and ``hf`` recompute each block's forward pass in the backward pass instead of
+keeping its activations (``torch.utils.checkpoint``, non-reentrant), in training only.
+
 A user model is ``name: "my_pkg.models:build"``: ``build(spec, **options)`` returns an
 ``nn.Module`` with the same ``forward``; it must be importable where the ranks run (installed, or
 shipped with ``--py-files``). It needs no change to run distributed.
@@ -35,11 +39,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lepton_spark.config import ModelConfig
 from lepton_spark.spec import PAD_TOKEN, FeatureSpec
 
 Inputs = dict[str, torch.Tensor]
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether ``model`` recomputes its blocks now: turned on, training, with autograd on (never
+    in evaluation or scoring)."""
+    return bool(getattr(model, "activation_checkpointing", False)) and (
+        model.training and torch.is_grad_enabled()
+    )
 
 
 def _flat_arrays(spec: FeatureSpec, inputs: Inputs) -> list[torch.Tensor]:
@@ -118,6 +131,8 @@ class SmallCNN(nn.Module):
                 "model 'cnn' needs an array feature of shape [channels, height, width]"
             )
         self.image = spec.arrays[0].name
+        self.activation_checkpointing = False  # a plain attribute: the state dict is the same
+        self.conv_blocks = len(channels)  # body[2i], body[2i + 1]: conv block i
         c, h, w = spec.arrays[0].shape
         layers: list[nn.Module] = []
         for out in channels:
@@ -132,7 +147,16 @@ class SmallCNN(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, inputs: Inputs) -> torch.Tensor:
-        return self.body(inputs[self.image])
+        x = inputs[self.image]
+        if not _checkpointing(self):
+            return self.body(x)
+        for i in range(self.conv_blocks):  # each conv-ReLU block recomputed in the backward pass
+            x = checkpoint(self.body[2 * i : 2 * i + 2], x, use_reentrant=False)
+        return self.body[2 * self.conv_blocks :](x)
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute each conv block's forward pass in the backward pass (training only)."""
+        self.activation_checkpointing = on
 
 
 class TextTransformer(nn.Module):
@@ -152,6 +176,7 @@ class TextTransformer(nn.Module):
             raise ValueError("model 'transformer' needs a text feature (features.text)")
         text = spec.texts[0]
         self.text = text.name
+        self.activation_checkpointing = False  # a plain attribute: the state dict is the same
         self.tokens = nn.Embedding(text.tokens, d_model, padding_idx=PAD_TOKEN)
         self.positions = nn.Embedding(text.max_length, d_model)
         layer = nn.TransformerEncoderLayer(
@@ -168,10 +193,24 @@ class TextTransformer(nn.Module):
         x = self.tokens(ids) + self.positions(positions)
         # A text with no tokens at all would be all padding: let it attend to its first slot.
         padding = padding & ~(padding.all(dim=1, keepdim=True) & (positions == 0))
-        x = self.norm(self.encoder(x, src_key_padding_mask=padding))
+        x = self.norm(self._encode(x, padding))
         keep = (~padding).unsqueeze(-1).to(x.dtype)
         pooled = (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
         return self.head(pooled)
+
+    def _encode(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        if not _checkpointing(self):
+            return self.encoder(x, src_key_padding_mask=padding)
+        # What the encoder does in training (its fast paths are for inference), one
+        # checkpointed layer at a time: the mask as the additive float one it makes.
+        mask = torch.zeros_like(padding, dtype=x.dtype).masked_fill(padding, float("-inf"))
+        for layer in self.encoder.layers:
+            x = checkpoint(layer, x, None, mask, use_reentrant=False)
+        return x if self.encoder.norm is None else self.encoder.norm(x)
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute each encoder layer's forward pass in the backward pass (training only)."""
+        self.activation_checkpointing = on
 
 
 class HFClassifier(nn.Module):
@@ -216,6 +255,17 @@ class HFClassifier(nn.Module):
         mask = (ids != self.pad_id).long()
         mask[:, 0] = 1  # a text with no tokens at all still attends to its first slot
         return self.net(input_ids=ids, attention_mask=mask).logits
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """The Hugging Face model's own checkpointing of its layers, non-reentrant
+        (``activation_checkpointing_enable``, what transformers 5 calls
+        ``gradient_checkpointing_enable``; its layers checkpoint in training mode only)."""
+        if on:
+            self.net.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        elif self.net.is_activation_checkpointing:
+            self.net.activation_checkpointing_disable()
 
     def fsdp_blocks(self) -> list[nn.Module]:
         """The encoder's layers (the classes the model says must not be split), for FSDP."""
@@ -289,6 +339,27 @@ def build_model(
     model = resolve_factory(cfg.name)(spec, **options)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {cfg.name!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+CHECKPOINTED = ("cnn", "transformer", "hf")  # built-in models with blocks to checkpoint
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> nn.Module:
+    """``train.activation_checkpointing``: the model recomputes each block's forward pass in the
+    backward pass (training only; evaluation, scoring and the state dict are unchanged). The
+    model's own ``set_activation_checkpointing(on)`` does it (``cnn``, ``transformer``, ``hf``,
+    or a user factory's model that has one); turning it on for a model without one is an error,
+    not a silent no-op."""
+    hook = getattr(model, "set_activation_checkpointing", None)
+    if callable(hook):
+        hook(on)
+    elif on:
+        raise ValueError(
+            f"train.activation_checkpointing: model {type(model).__name__} has no blocks to "
+            "checkpoint (no set_activation_checkpointing(on) method): turn it off, or give the "
+            "model one that checkpoints its blocks with torch.utils.checkpoint"
+        )
     return model
 
 

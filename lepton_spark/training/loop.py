@@ -24,7 +24,7 @@ from torch import nn
 
 from lepton_spark.errors import InputError
 from lepton_spark.events import Epoch, Phase, Progress, Start
-from lepton_spark.models import build_model
+from lepton_spark.models import build_model, set_activation_checkpointing
 from lepton_spark.names import TRAIN_EPOCH_SECONDS, TRAIN_LOSS, TRAIN_SAMPLES_PER_SECOND, current
 from lepton_spark.shards.loader import Layout, ShardLoader, loader_files
 from lepton_spark.shards.manifest import Manifest, SplitInfo, read_manifest
@@ -155,6 +155,7 @@ def set_up(spec: TrainSpec, engine: Engine, data: RankData) -> Trainer:
     features = data.manifest.feature_spec
     precision = choose_precision(cfg.mixed_precision, data.device)
     model = build_model(spec.model, features, seed=cfg.seed)
+    set_activation_checkpointing(model, cfg.activation_checkpointing)  # before the engine wraps
     lr = scaled_lr(cfg, engine.size())
     model, optimizer = engine.wrap(model, lambda ps: make_optimizer(cfg, ps, lr), data.device)
     return Trainer(
