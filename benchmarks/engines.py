@@ -11,8 +11,12 @@
    threshold rises as big blocks are freed, so freed tensors stay in the heap and the RSS),
    and with the threshold fixed at 128 KiB (``mallopt``, what ``MALLOC_MMAP_THRESHOLD_=131072``
    in the executors' environment does): freed tensors go back to the system.
+3. **Activation checkpointing** (``train.activation_checkpointing``), the same Transformer at
+   the largest text batch, freed memory returned, with ``ddp`` and ``fsdp``: FSDP's peak RSS
+   growth with it over DDP's without it (goal ≤ 0.65×), and what it costs FSDP's step time.
 
-    python -m benchmarks.engines            # writes results/engines.json
+    python -m benchmarks.engines                # writes results/engines.json
+    python -m benchmarks.engines --memory-only  # 2 and 3 only (no throughput rounds)
 """
 
 from __future__ import annotations
@@ -70,11 +74,12 @@ def _return_freed_memory() -> None:
 
 
 def transformer_rank(
-    backend: str, steps: int, batch: int, returned: bool, ctx: Any
+    backend: str, steps: int, batch: int, returned: bool, ctx: Any, checkpointing: bool = False
 ) -> dict[str, float]:
     """In one rank: a few AdamW steps of the text_fsdp Transformer; its memory and step time
-    (``returned``: with freed memory given back, :func:`_return_freed_memory`)."""
-    from lepton_spark.models import build_model
+    (``returned``: with freed memory given back, :func:`_return_freed_memory`;
+    ``checkpointing``: its encoder layers recomputed in the backward pass)."""
+    from lepton_spark.models import build_model, set_activation_checkpointing
     from lepton_spark.spec import FeatureSpec, TextFeature
     from lepton_spark.training.engines import start_engine
     from lepton_spark.training.optim import make_optimizer
@@ -97,6 +102,7 @@ def transformer_rank(
         )
         before = psutil.Process().memory_info().rss
         model = build_model(pipeline.model, spec, seed=0)
+        set_activation_checkpointing(model, checkpointing)
         cpu = torch.device("cpu")
         model, optimizer = engine.wrap(model, lambda ps: make_optimizer(cfg, ps, 1e-4), cpu)
         generator = torch.Generator().manual_seed(engine.rank())
@@ -134,8 +140,12 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def memory(spark: Any, backend: str, steps: int, batch: int, returned: bool) -> dict[str, float]:
-    fn = functools.partial(transformer_rank, backend, steps, batch, returned)
+def memory(
+    spark: Any, backend: str, steps: int, batch: int, returned: bool, checkpointing: bool = False
+) -> dict[str, float]:
+    fn = functools.partial(
+        transformer_rank, backend, steps, batch, returned, checkpointing=checkpointing
+    )
     ranks = run_barrier(spark, fn, 2, settings=BarrierSettings(engine=backend))
     return {key: max(r[key] for r in ranks) for key in ranks[0]}  # the heavier rank
 
@@ -151,15 +161,21 @@ def main() -> None:
         default="4,16",
         help="batch sizes of the Transformer runs (activations, unsharded, grow with it)",
     )
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the Transformer's memory runs (with and without activation checkpointing)",
+    )
     args = parser.parse_args()
 
-    folder = shards(args.rows)  # the scaling benchmark's: 2 training shards, a validation split
     spark = spark_session(SparkConfig(master="local[2]"), app_name="lepton-spark engines")
     rates: dict[str, list[float]] = {e: [] for e in ENGINES}
-    for _ in range(args.rounds):
-        for backend in ENGINES:
-            rates[backend].append(throughput(spark, folder, backend, args.batch))
-            print(f"{backend}: {rates[backend][-1]:,.0f} samples/s", flush=True)
+    if not args.memory_only:
+        folder = shards(args.rows)  # the scaling benchmark's: 2 training shards, validation
+        for _ in range(args.rounds):
+            for backend in ENGINES:
+                rates[backend].append(throughput(spark, folder, backend, args.batch))
+                print(f"{backend}: {rates[backend][-1]:,.0f} samples/s", flush=True)
     batches = [int(b) for b in args.text_batch.split(",")]
     big = batches[-1]
     sizes = {b: memory(spark, b, args.text_steps, big, False) for b in ("ddp", "fsdp")}
@@ -167,12 +183,15 @@ def main() -> None:
         batch: {b: memory(spark, b, args.text_steps, batch, True) for b in ("ddp", "fsdp")}
         for batch in batches
     }
+    checkpointed = {
+        b: memory(spark, b, args.text_steps, big, True, checkpointing=True) for b in ("ddp", "fsdp")
+    }
     for backend in sizes:
         print(f"{backend} transformer, batch {big}: {sizes[backend]}", flush=True)
         for batch in batches:
             print(f"{backend}, batch {batch}, freed returned: {freed[batch][backend]}", flush=True)
+        print(f"{backend}, batch {big}, checkpointed: {checkpointed[backend]}", flush=True)
     spark.stop()
-    horovod = median(rates["horovod"])
 
     def ratio(figures: dict[str, dict[str, float]], key: str) -> float:
         return figures["fsdp"][key] / figures["ddp"][key]
@@ -182,11 +201,30 @@ def main() -> None:
         for key in ("peak_rss_growth", "end_rss_growth"):
             name = f"fsdp_over_ddp_{key}_returned_batch{batch}"
             returned[name] = ratio(freed[batch], f"{key}_bytes")
+    plain = freed[big]
+    peak = "peak_rss_growth_bytes"
+    ckpt = {
+        f"fsdp_ckpt_over_ddp_peak_rss_growth_returned_batch{big}": checkpointed["fsdp"][peak]
+        / plain["ddp"][peak],
+        f"fsdp_ckpt_over_ddp_ckpt_peak_rss_growth_returned_batch{big}": ratio(checkpointed, peak),
+        f"ddp_ckpt_over_plain_peak_rss_growth_returned_batch{big}": checkpointed["ddp"][peak]
+        / plain["ddp"][peak],
+        "ckpt_over_plain_step_seconds_fsdp": checkpointed["fsdp"]["step_seconds"]
+        / plain["fsdp"]["step_seconds"],
+        "ckpt_over_plain_step_seconds_ddp": checkpointed["ddp"]["step_seconds"]
+        / plain["ddp"]["step_seconds"],
+    }
+    throughputs = {}
+    if rates["horovod"]:
+        horovod = median(rates["horovod"])
+        throughputs = {
+            "ddp_over_horovod_throughput": median(rates["ddp"]) / horovod,
+            "fsdp_over_horovod_throughput": median(rates["fsdp"]) / horovod,
+        }
     report(
         "engines",
         {
-            "ddp_over_horovod_throughput": median(rates["ddp"]) / horovod,
-            "fsdp_over_horovod_throughput": median(rates["fsdp"]) / horovod,
+            **throughputs,
             "fsdp_over_ddp_state_bytes": ratio(sizes, "state_bytes"),
             "fsdp_over_ddp_peak_rss_growth": ratio(sizes, "peak_rss_growth_bytes"),
             "fsdp_over_ddp_end_rss_growth": ratio(sizes, "end_rss_growth_bytes"),
@@ -194,6 +232,7 @@ def main() -> None:
             "fsdp_over_ddp_step_seconds": ratio(sizes, "step_seconds"),
             "fsdp_returned_over_default_step_seconds": freed[big]["fsdp"]["step_seconds"]
             / sizes["fsdp"]["step_seconds"],
+            **ckpt,
         },
         {
             "rows": args.rows,
@@ -201,6 +240,8 @@ def main() -> None:
             "samples_per_second": rates,
             "transformer": sizes,
             "transformer_freed_memory_returned": {str(b): f for b, f in freed.items()},
+            "transformer_checkpointed_freed_memory_returned": checkpointed,
+            "memory_only": args.memory_only,
             "text_steps": args.text_steps,
             "text_batch": batches,
         },
