@@ -44,6 +44,14 @@ def run(fn, watch=None, warm=False):
 fresh_or_warm = pytest.mark.parametrize("warm", [False, True], ids=["fresh", "warm"])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_warm_server_left():
+    yield
+    from lepton_spark.cluster import warm
+
+    warm.stop_server(warm.server_folder(warm.executor_pid()))
+
+
 @fresh_or_warm
 def test_the_child_s_result_comes_back_whole(warm):
     rank, result = run(answers, Watch(stall_timeout_s=120, startup_s=120), warm)
