@@ -353,7 +353,7 @@ def publish_model(
             try:
                 flavor = pyfunc.log_transformers_model(network)
                 run.set_tags({TAG_TRANSFORMERS_MODEL_URI: flavor})
-            except Exception as err:  # e.g. MLflow's flavor wants torchvision: our pyfunc serves
+            except Exception as err:  # MLflow's flavor failing must not lose the pyfunc model
                 log.warning("the transformers flavor was not logged (%s); the pyfunc model is", err)
     run.set_tags({TAG_MODEL_URI: model_uri})
     version = None

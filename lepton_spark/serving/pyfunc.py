@@ -197,7 +197,10 @@ TRANSFORMERS_NAME = "transformers"  # the run's second logged model of an ``hf``
 def log_transformers_model(network: torch.nn.Module, name: str = TRANSFORMERS_NAME) -> str:
     """The fine-tuned Hugging Face model and its tokenizer as MLflow's ``transformers`` flavor
     (a ``text-classification`` pipeline) into the active run, beside our pyfunc: loadable with
-    ``mlflow.transformers.load_model`` by tools that speak Hugging Face. Its URI."""
+    ``mlflow.transformers.load_model`` by tools that speak Hugging Face. Its labels are
+    ``LABEL_<class index>``. Its URI. The requirements are given (what the model needs: torch,
+    transformers, tokenizers), not inferred: MLflow's inference imports torchvision, which a
+    text model does not need."""
     import mlflow
     from transformers import pipeline
 
@@ -209,6 +212,14 @@ def log_transformers_model(network: torch.nn.Module, name: str = TRANSFORMERS_NA
     )
     with _quiet_mlflow():
         info = mlflow.transformers.log_model(
-            transformers_model=classifier, name=name, task="text-classification"
+            transformers_model=classifier,
+            name=name,
+            task="text-classification",
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"transformers=={md.version('transformers')}",
+                f"tokenizers=={md.version('tokenizers')}",
+                f"safetensors=={md.version('safetensors')}",
+            ],
         )
     return info.model_uri

@@ -81,6 +81,14 @@ def test_ddp_fine_tunes_it_and_the_logged_model_predicts_from_raw_text(spark, be
     out = pd.read_parquet(tmp_path / "out").sort_values("id")
     assert out.prediction.tolist() == served.prediction.tolist()
 
+    # MLflow's transformers flavor, logged beside it, gives the same classes (LABEL_<index>).
+    from lepton_spark.names import TAG_TRANSFORMERS_MODEL_URI
+
+    tags = mlflow.get_run(result.run_id).data.tags
+    pipe = mlflow.transformers.load_model(tags[TAG_TRANSFORMERS_MODEL_URI])
+    labels = [int(p["label"].removeprefix("LABEL_")) for p in pipe(docs.text.tolist())]
+    assert (np.array(labels) == docs.topic.to_numpy()).mean() >= 0.9
+
     # TorchModel.transform, Spark ML's way: the same raw text as a DataFrame, the same answers.
     from lepton_spark.ml import TorchModel
 
