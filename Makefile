@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test test-connect test-fast lint format lock clean config-reference bench bench-data-path bench-memory \
 	bench-scaling bench-petastorm bench-petastorm-env bench-recovery bench-scoring bench-tracking \
 	bench-estimator bench-connect bench-engines bench-vs-torchdistributor bench-vs-horovod-run \
-	bench-compression bench-scale \
+	bench-compression bench-scale bench-hf-finetune \
 	wheel cluster-up cluster-down airflow-env
 
 $(STAMP): pyproject.toml constraints.txt scripts/install_horovod.sh
@@ -60,7 +60,7 @@ test-fast: setup
 # Benchmarks: measured side by side in one run, never timed tests (shared machines are noisy).
 bench: bench-data-path bench-memory bench-scaling bench-petastorm bench-scoring bench-tracking \
 	bench-estimator bench-connect bench-engines bench-vs-torchdistributor bench-vs-horovod-run \
-	bench-compression
+	bench-compression bench-hf-finetune
 
 bench-data-path: setup
 	$(BIN)/python -m benchmarks.data_path
@@ -83,6 +83,11 @@ bench-scale: setup
 
 bench-vs-torchdistributor: setup
 	$(BIN)/python -m benchmarks.vs_torchdistributor
+
+# HF Trainer needs accelerate (pyproject's `bench` extra), installed alone: not the whole project.
+bench-hf-finetune: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt "accelerate==1.16.0"
+	$(BIN)/python -m benchmarks.hf_finetune
 
 bench-vs-horovod-run: setup
 	$(BIN)/python -m benchmarks.vs_horovod_run
