@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from lepton_spark.cluster.startup import SHUTDOWN_POLL_S
 from lepton_spark.events import Event, Heartbeat, InvalidEvent, decode, encode
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,10 @@ class EventServer:
             self._server = _Server("0.0.0.0", on_event)
         self._host = host
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="lepton-events", daemon=True
+            target=self._server.serve_forever,
+            args=(SHUTDOWN_POLL_S,),
+            name="lepton-events",
+            daemon=True,
         )
 
     @property

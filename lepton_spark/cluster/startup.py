@@ -10,6 +10,9 @@ import threading
 import time
 
 log = logging.getLogger(__name__)
+# How often a serving loop looks for ``shutdown``: socketserver's default, 0.5 s, is what a close
+# waits at worst, and the last rank's start-up answer waits on that close.
+SHUTDOWN_POLL_S = 0.02
 
 
 class StartupServer:
@@ -21,7 +24,9 @@ class StartupServer:
         self._closed = threading.Event()
         self._stopping = threading.Lock()
         self._started = time.monotonic()
-        self._thread = threading.Thread(target=httpd.serve_forever, name=name, daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, args=(SHUTDOWN_POLL_S,), name=name, daemon=True
+        )
         self._thread.start()
 
     @property

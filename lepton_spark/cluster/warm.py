@@ -335,7 +335,8 @@ def serve(folder: Path, watch_pid: int) -> int:
     print(f"lepton-spark warm rank process {os.getpid()} serving {path}", flush=True)
     try:
         while True:
-            ready, _, _ = select.select([listener], [], [], 0.2)
+            # A child's exit is told to its task on the next turn: soon while ranks run.
+            ready, _, _ = select.select([listener], [], [], 0.02 if children else 0.2)
             if ready:
                 conn, _ = listener.accept()
                 pid = os.fork()
