@@ -85,6 +85,7 @@ class RendezvousService(StartupServer):
         httpd.lepton_ready = set()
         httpd.lepton_size = len(slots)
         httpd.lepton_on_done = self.close_now
+        httpd.lepton_on_ready = self.rank_in
         super().__init__(httpd, "horovod-rendezvous")
 
     @property
@@ -127,6 +128,7 @@ def _guarded_handler() -> type:
             if self.path.startswith(f"/{READY_SCOPE}/"):  # a rank's hvd.init() returned
                 server = self.server
                 server.lepton_ready.add(self.path.rsplit("/", 1)[-1])
+                server.lepton_on_ready()
                 if len(server.lepton_ready) == server.lepton_size:
                     server.lepton_on_done()  # the port is closed before the last rank hears
                 self.send_status_code(200)

@@ -1,6 +1,7 @@
 """A server that lives only for a barrier stage's start-up (Horovod's rendezvous, the
 torch.distributed store): served on a thread of rank 0's task, closed by itself once every rank
-is connected, or by the task when the stage ends."""
+is connected, or by the task when its rank is done (:meth:`StartupServer.settle`, then
+:meth:`StartupServer.stop`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class StartupServer:
         self._httpd = httpd
         self._name = name
         self._closed = threading.Event()
+        self._some_in = threading.Event()  # a rank has said it is connected
         self._stopping = threading.Lock()
         self._started = time.monotonic()
         self._thread = threading.Thread(
@@ -37,6 +39,29 @@ class StartupServer:
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
+
+    def rank_in(self) -> None:
+        """A rank has said it is connected (its engine is up): the stage uses this server, and
+        the others are at most moments behind (:meth:`settle`)."""
+        self._some_in.set()
+
+    def settle(self, timeout_s: float) -> bool:
+        """Rank 0's own rank is done: let the others finish their start-up before the task stops
+        the server. A rank says it is connected only after its engine's start-up collective,
+        so once one has said it, every other rank is past its last request but maybe not yet
+        its own "connected": wait for the port to close itself (every rank in), at most
+        ``timeout_s``. When no rank has said it, nothing uses the server (a function without
+        an engine): no wait. Whether every rank came in."""
+        if not self._some_in.is_set():
+            return self.closed
+        if self._closed.wait(timeout_s):
+            return True
+        log.warning(
+            "%s: not every rank said it was connected within %.0f s of rank 0's end; closing",
+            self._name,
+            timeout_s,
+        )
+        return False
 
     def close_soon(self) -> None:
         """Every rank is connected: close the port, from another thread (returns at once)."""

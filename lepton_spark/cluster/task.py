@@ -3,19 +3,23 @@
 The stage is ``DataFrame.mapInArrow(barrier_task(...), RESULT_SCHEMA, barrier=True)`` over one
 row per rank, the same on classic Spark and on Spark Connect. In each task:
 
-1. ``BarrierTaskContext.allGather`` shares every task's executor address; the slot plan
-   (:func:`~lepton_spark.cluster.topology.slot_plan`) follows from it, the same on every task.
+1. Every task's executor address is in ``BarrierTaskContext.getTaskInfos()`` (ordered by
+   partition, the same on every task); the slot plan
+   (:func:`~lepton_spark.cluster.topology.slot_plan`) follows from it.
 2. Rank 0 starts Horovod's Gloo rendezvous server or, for torch.distributed (``engine``
    ``ddp``/``fsdp``), the ranks' store service, bound to its executor's address (not 0.0.0.0),
-   guarded by the stage's secret and its slot addresses; a second ``allGather`` hands the port to
-   the others.
+   guarded by the stage's secret and its slot addresses; an ``allGather`` hands the port to
+   the others. It is the stage's only Spark barrier sync: each costs the tasks that arrive
+   early a second (Spark's ``runBarrier`` looks for the answer once a second).
 3. Each task runs ``fn(RankContext)`` in a child process (:mod:`lepton_spark.cluster.child`) with
    the engine's environment (``HOROVOD_*``, or ``RANK``/``WORLD_SIZE``/the store's address…) and
    ``CUDA_VISIBLE_DEVICES`` from the GPUs Spark assigned it,
    and watches it: a child that stops moving for ``stall_timeout_s`` is stopped by its own task,
    whether or not the driver hears the rank's heartbeats.
-4. A final barrier, then rank 0 stops the rendezvous server (also when anything failed), and the
-   task returns its rank's pickled result as rows of at most ``CHUNK_BYTES``.
+4. Rank 0's task stops the rendezvous server once its rank is done and every rank has said its
+   engine is up (:meth:`~lepton_spark.cluster.startup.StartupServer.settle`; at once when
+   anything failed, or when no engine was used), and each task returns its rank's pickled
+   result as rows of at most ``CHUNK_BYTES``.
 
 A rank that fails reports :class:`~lepton_spark.events.RankFailed` and makes its task raise with
 the rank, host and error; Spark then fails the whole stage.
@@ -41,6 +45,7 @@ from lepton_spark.events import Event, RankFailed, Rendezvous
 
 RESULT_SCHEMA = "rank int, part int, data binary"
 CHUNK_BYTES = 4 << 20  # a result row stays far below Arrow batch and gRPC message limits
+SETTLE_S = 10.0  # the most rank 0's task waits, its rank done, for the others' "engine is up"
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,8 @@ def barrier_task(
             pass
         tc = BarrierTaskContext.get()
         rank = tc.partitionId()
-        host = tc.getTaskInfos()[rank].address.rsplit(":", 1)[0]
-        hosts = [json.loads(m)["host"] for m in tc.allGather(json.dumps({"host": host}))]
+        hosts = [info.address.rsplit(":", 1)[0] for info in tc.getTaskInfos()]
+        host = hosts[rank]
         slots = slot_plan(hosts)
         client = EventClient(settings.events) if settings.events else None
         server = None
@@ -155,7 +160,8 @@ def barrier_task(
                     )
                     client.send(failed)
                 raise
-            tc.barrier()  # everyone is done with the rendezvous server
+            if server is not None:
+                server.settle(SETTLE_S)  # the other ranks' start-up is over
         finally:
             if server is not None:
                 server.stop()

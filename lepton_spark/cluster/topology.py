@@ -1,7 +1,8 @@
 """Where the ranks are: one slot per barrier task, counted per host as ``horovodrun`` would.
 
-Every task shares its executor's address (``BarrierTaskContext.allGather``); :func:`slot_plan`
-turns the list of hosts into ranks, local ranks and cross ranks, the same on every task. No Spark.
+Every task reads all the tasks' executor addresses (``BarrierTaskContext.getTaskInfos()``);
+:func:`slot_plan` turns the list of hosts into ranks, local ranks and cross ranks, the same on
+every task. No Spark.
 """
 
 from __future__ import annotations

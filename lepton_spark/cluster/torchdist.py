@@ -170,7 +170,8 @@ class _Server(http.server.ThreadingHTTPServer):
         self.table = _Table()
         self.refused = 0
         self.ready: set[str] = set()
-        self.on_ready: Callable[[], None] = lambda: None
+        self.on_ready: Callable[[], None] = lambda: None  # every rank is ready
+        self.on_rank_ready: Callable[[], None] = lambda: None  # one more is
         self._nonces: set[str] = set()
         self._lock = threading.Lock()
 
@@ -224,6 +225,7 @@ class _Server(http.server.ThreadingHTTPServer):
         with self._lock:
             self.ready.add(key)
             done = len(self.ready) >= self.size
+        self.on_rank_ready()
         if done:
             self.on_ready()
         return 200, b""
@@ -241,6 +243,7 @@ class StoreService(StartupServer):
     def __init__(self, host: str, slots: list[Slot], secret: str) -> None:
         httpd = _Server(host, slot_addresses(slots), secret, len(slots))
         httpd.on_ready = self.close_now  # before the last rank's answer
+        httpd.on_rank_ready = self.rank_in
         super().__init__(httpd, "torch-store")
 
     @property

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import threading
+import time
 
 import pytest
 
@@ -45,3 +47,32 @@ def test_its_port_refuses_connections_once_closed(how):
             socket.create_connection(address, timeout=5).close()
         server.stop()  # idempotent
         assert server.closed
+
+
+def _server(name: str) -> StartupServer:
+    httpd = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    httpd.daemon_threads = True
+    return StartupServer(httpd, name)
+
+
+def test_settle_waits_for_the_other_ranks_once_one_said_it_is_connected():
+    unused = _server("settle-unused")  # no rank ever said it: a function without an engine
+    started = time.monotonic()
+    assert unused.settle(60) is False
+    assert time.monotonic() - started < 10  # no wait for what will never come
+    unused.stop()
+
+    in_use = _server("settle-in-use")
+    in_use.rank_in()
+    threading.Timer(0.3, in_use.close_now).start()  # the last rank's "connected"
+    assert in_use.settle(60) is True
+    assert in_use.closed
+
+    missing = _server("settle-missing")  # one rank's "connected" never comes
+    missing.rank_in()
+    started = time.monotonic()
+    assert missing.settle(0.5) is False
+    assert time.monotonic() - started >= 0.5
+    assert not missing.closed  # the task stops it next
+    missing.stop()
+    assert missing.closed
