@@ -93,6 +93,7 @@ class _Table:
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"  # one kept-alive connection per rank thread
+    disable_nagle_algorithm = True  # an answer is two writes (head, body): no 40 ms ACK wait
     timeout = storewire.IDLE_TIMEOUT_S  # on every read: a silent peer holds no thread for long
 
     def setup(self) -> None:
