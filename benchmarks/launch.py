@@ -6,11 +6,10 @@ through the peers' launchers, alternating, on
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
-
-import psutil
 
 from benchmarks._common import median
 from lepton_spark.cluster.stage import BarrierSettings, run_barrier
@@ -93,7 +92,7 @@ class _TimedRank:
 
     def __call__(self, ctx: Any) -> dict[str, float]:
         entered = time.time()
-        spawned = psutil.Process().create_time()
+        spawned = _started_at()
         import torch
 
         from lepton_spark.config import TrainConfig
@@ -116,6 +115,16 @@ class _TimedRank:
         }
 
 
+def _started_at() -> float:
+    """When this process started (was forked), on ``time.time()``'s clock: its start tick in
+    ``/proc`` against ``CLOCK_BOOTTIME``. (psutil's ``create_time`` adds the boot time, which
+    ``/proc/stat`` gives in whole seconds: up to a second off, more than a warm fork takes.)"""
+    with open("/proc/self/stat") as stat:
+        ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
+
+
 def breakdown(spark: Any, backend: str) -> dict[str, float]:
     """Where one launch of the empty function goes, in seconds (rank 0's side; the slower rank
     for the child's own steps)."""
@@ -128,15 +137,15 @@ def breakdown(spark: Any, backend: str) -> dict[str, float]:
         return max(r[end] - r[start] for r in ranks)
 
     return {
-        # check_slots, the channel's probe job, the stage's job and its Python workers, two
-        # allGathers, rank 0's rendezvous server up, the child process forked
+        # check_slots, the channel's probe job, the stage's job and its Python workers, rank 0's
+        # rendezvous server up, the allGather of its port, the child process forked
         "stage_to_child": first - submitted,
         "child_start_and_unpickle": longest("spawned", "entered"),  # python, rank_main, cloudpickle
         "import_torch_and_lepton": longest("entered", "imported"),
         "engine_start": longest("imported", "up"),  # the rendezvous: gloo's pairs connected
         "allreduce": longest("up", "reduced"),
         "engine_shutdown": longest("reduced", "down"),
-        # the child's exit, its result read, the task's final barrier, the rows collected
+        # the child's exit, its result read, rank 0's server stopped, the rows collected
         "down_to_driver": returned - max(r["down"] for r in ranks),
         "total": returned - submitted,
     }
