@@ -29,6 +29,7 @@ from lepton_spark.cluster.child import (
     INPUT_ERROR_MARK,
     OUT_FILE,
 )
+from lepton_spark.cluster.warm import alive
 from lepton_spark.errors import InputError
 from lepton_spark.events import Event, Heartbeat
 
@@ -46,12 +47,8 @@ def _exit_when_task_gone(task_pid: int) -> None:
     leave when the task's process is gone."""
     while True:
         time.sleep(0.5)
-        try:
-            os.kill(task_pid, 0)
-        except ProcessLookupError:
+        if not alive(task_pid):
             os._exit(137)
-        except PermissionError:
-            pass
 
 
 class _Reporter:

@@ -184,7 +184,7 @@ def server_pid(folder: Path) -> int | None:
         pid = int((folder / PID_NAME).read_text())
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    return pid if alive(pid) else None
 
 
 def stop_server(folder: Path, timeout_s: float = 10.0) -> None:
@@ -195,7 +195,7 @@ def stop_server(folder: Path, timeout_s: float = 10.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -350,7 +350,7 @@ def serve(folder: Path, watch_pid: int) -> int:
             _reap(children)
             if children:
                 last_used = time.monotonic()
-            elif time.monotonic() - last_used > IDLE_S or not _alive(watch_pid):
+            elif time.monotonic() - last_used > IDLE_S or not alive(watch_pid):
                 return 0
     finally:
         with contextlib.suppress(OSError):
@@ -376,7 +376,8 @@ def _reap(children: dict[int, socket.socket]) -> None:
             conn.close()
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not: it has ended, reaped or not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
