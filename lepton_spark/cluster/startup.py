@@ -47,11 +47,11 @@ class StartupServer:
 
     def settle(self, timeout_s: float) -> bool:
         """Rank 0's own rank is done: let the others finish their start-up before the task stops
-        the server. A rank says it is connected only after its engine's start-up collective,
-        so once one has said it, every other rank is past its last request but maybe not yet
-        its own "connected": wait for the port to close itself (every rank in), at most
-        ``timeout_s``. When no rank has said it, nothing uses the server (a function without
-        an engine): no wait. Whether every rank came in."""
+        the server. A rank says it is connected only once its engine is up, which takes every
+        rank, so once one has said it the others are moments from saying it too: wait for the
+        port to close itself (every rank in), at most ``timeout_s``. When no rank has said it,
+        nothing uses the server (a function without an engine): no wait. Whether every rank
+        came in."""
         if not self._some_in.is_set():
             return self.closed
         if self._closed.wait(timeout_s):
