@@ -37,8 +37,8 @@ DEFAULT_CONF = {
     "spark.sql.shuffle.partitions": "8",
     "spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures": "2",
     "spark.scheduler.barrier.maxConcurrentTasksCheck.interval": "2s",
-    # A barrier sync (a rank's allGather / barrier) that some task never reaches fails in an hour,
-    # not in Spark's default year: a bound that holds with no event channel at all.
+    # A barrier sync (the stage's allGather of the rendezvous port) that some task never reaches
+    # fails in an hour, not in Spark's default year: a bound that holds with no event channel.
     "spark.barrier.sync.timeout": "3600s",
 }
 
