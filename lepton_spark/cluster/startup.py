@@ -50,8 +50,9 @@ class StartupServer:
         the server. A rank says it is connected only once its engine is up, which takes every
         rank, so once one has said it the others are moments from saying it too: wait for the
         port to close itself (every rank in), at most ``timeout_s``. When no rank has said it,
-        nothing uses the server (a function without an engine): no wait. Whether every rank
-        came in."""
+        nothing uses the server (a function without an engine, or one calling ``hvd.init()``
+        itself: Horovod's init returns on rank 0 only once every rank is done with the
+        rendezvous): no wait. Whether every rank came in."""
         if not self._some_in.is_set():
             return self.closed
         if self._closed.wait(timeout_s):

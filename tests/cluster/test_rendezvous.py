@@ -47,13 +47,17 @@ def test_requests_without_the_secret_are_refused_and_the_port_closes_after_init(
         assert server.refused == 3
 
         procs = []
+        # An HTTP proxy in the ranks' environment that goes nowhere: the ready calls (their path
+        # holds the secret) must go straight to the server all the same.
+        proxy = {"http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+        proxy |= {"no_proxy": "", "NO_PROXY": ""}
         for slot in slots:
             # Gloo's timeout covers the other rank's start-up (torch's import) on a busy machine.
             env = horovod_env(slot, (rendezvous_address(host, port, secret), port), "lo", 120)
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-c", INIT],
-                    env={**os.environ, **env},
+                    env={**os.environ, **env, **proxy},
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
