@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,7 +83,8 @@ def ours(rows: int, batch: int) -> dict[str, float]:
         "materialize_cold_s": materialize[0],
         "materialize_s": materialize[1],
         "materialize_stages": stages,
-        "floor_s": min(floor),
+        # The median: ours is one warm write, not the best of several.
+        "floor_s": statistics.median(floor),
         "floor_runs_s": floor,
         "files": len(split.shards),
         **timings,
@@ -100,8 +102,9 @@ def export_floor(df: Any) -> float:
 
     started = time.perf_counter()
     total = sum(r.n for r in df.mapInArrow(count, "n long").collect())
-    assert total == df.count(), total
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    assert total == df.count(), total  # a job of its own: outside the time
+    return seconds
 
 
 def petastorm(rows: int, batch: int) -> dict[str, float]:

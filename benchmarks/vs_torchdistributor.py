@@ -72,17 +72,24 @@ def ours_end_to_end(spark: Any, cfg: Any) -> tuple[float, float]:
     return seconds, float(result.metrics["val/accuracy"])
 
 
-def theirs_end_to_end(spark: Any, cfg: Any, work: Path) -> tuple[float, float]:
-    from pyspark.ml.torch.distributor import TorchDistributor
-
+def shared_etl(spark: Any, cfg: Any) -> tuple[Any, Any, Any]:
+    """The ETL both sides run: the demo's source and SQL, its features, the seeded split;
+    ``(train, validation, feature spec)``."""
     from lepton_spark.data.features import build_features
     from lepton_spark.data.prepare import split
     from lepton_spark.data.sources import load_and_transform
 
-    shutil.rmtree(work / "parquet", ignore_errors=True)
-    started = time.perf_counter()
     features, spec, _ = build_features(load_and_transform(spark, cfg), cfg.features)
     train, validation = split(features, cfg.split)
+    return train, validation, spec
+
+
+def theirs_end_to_end(spark: Any, cfg: Any, work: Path) -> tuple[float, float]:
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    shutil.rmtree(work / "parquet", ignore_errors=True)
+    started = time.perf_counter()
+    train, validation, spec = shared_etl(spark, cfg)
     train.write.parquet(str(work / "parquet" / "train"))
     validation.write.parquet(str(work / "parquet" / "validation"))
     accuracy = TorchDistributor(num_processes=2, local_mode=False, use_gpu=False).run(
@@ -91,40 +98,34 @@ def theirs_end_to_end(spark: Any, cfg: Any, work: Path) -> tuple[float, float]:
     return time.perf_counter() - started, float(accuracy)
 
 
-def guarded(spark: Any, side: Any, timeout_s: float, failures: list[dict[str, Any]]) -> Any:
-    """``side()``, or ``None`` when it failed or ran past ``timeout_s`` (its Spark jobs are
-    cancelled then): recorded in ``failures``, for the caller to run the round again.
+def retried(
+    spark: Any, side: Any, timeout_s: float, failures: list[dict[str, Any]], tries: int = 3
+) -> Any:
+    """``side()``, run again (up to ``tries`` times) when it fails or runs past ``timeout_s``
+    (its Spark jobs are cancelled then); each failure recorded in ``failures``.
     TorchDistributor's ranks have died here at their start (SIGABRT, "terminate called without
     an active exception") twice in about a dozen end-to-end runs, the other rank then waiting
     for minutes: a round that says so, not a 300 s median."""
-    timer = threading.Timer(timeout_s, spark.sparkContext.cancelAllJobs)
-    timer.start()
-    started = time.perf_counter()
-    try:
-        return side()
-    except Exception as err:  # its failure, reported and the round run again
-        failures.append(
-            {
-                "error": f"{type(err).__name__}: {str(err)[-300:]}",
-                "seconds": time.perf_counter() - started,
-            }
-        )
-        print(f"failed after {failures[-1]['seconds']:.0f} s: {failures[-1]['error']}", flush=True)
-        return None
-    finally:
-        timer.cancel()
+    for _ in range(tries):
+        timer = threading.Timer(timeout_s, spark.sparkContext.cancelAllJobs)
+        timer.start()
+        started = time.perf_counter()
+        try:
+            return side()
+        except Exception as err:  # its failure, reported, and the run made again
+            error = f"{type(err).__name__}: {str(err)[-300:]}"
+            failures.append({"error": error, "seconds": time.perf_counter() - started})
+            print(f"failed after {failures[-1]['seconds']:.0f} s: {error}", flush=True)
+        finally:
+            timer.cancel()
+    raise RuntimeError(f"failed {tries} times in a row: {failures[-1]['error']}")
 
 
 def warm_up_etl(spark: Any, cfg: Any) -> float:
     """The ETL both sides share, once, untimed by the rounds: Spark's first run of it on this
     JVM (code generation, class loading) is paid here, by neither side."""
-    from lepton_spark.data.features import build_features
-    from lepton_spark.data.prepare import split
-    from lepton_spark.data.sources import load_and_transform
-
     started = time.perf_counter()
-    features, _, _ = build_features(load_and_transform(spark, cfg), cfg.features)
-    for part in split(features, cfg.split):
+    for part in shared_etl(spark, cfg)[:2]:
         part.count()
     return time.perf_counter() - started
 
@@ -220,24 +221,18 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float]]] = {"lepton_ddp": [], "torchdistributor": []}
     failed: list[dict[str, Any]] = []  # TorchDistributor's runs that failed or hung
     sides = {
-        "lepton_ddp": lambda: ours_end_to_end(spark, cfg),
-        "torchdistributor": lambda: theirs_end_to_end(spark, cfg, work),
+        "lepton_ddp": lambda: ours_end_to_end(spark, cfg),  # ours failing is a defect: it raises
+        "torchdistributor": lambda: retried(
+            spark, lambda: theirs_end_to_end(spark, cfg, work), args.their_timeout_s, failed
+        ),
     }
     etl_warm_up = 0.0 if args.launch_only else warm_up_etl(spark, cfg)
     print(f"ETL warm-up (untimed by the rounds): {etl_warm_up:.1f} s", flush=True)
     for round_ in range(0 if args.launch_only else args.e2e_rounds):
-        # The side that goes first pays for the ETL's first run on this JVM: take turns.
+        # Taking turns at going first: what one run leaves warm (Python workers, caches) is
+        # the other's gain as often as its own.
         for name in list(sides)[:: 1 if round_ % 2 == 0 else -1]:
-            if name == "lepton_ddp":  # ours failing is a defect: it raises
-                runs[name].append(sides[name]())
-                continue
-            for _ in range(3):
-                done = guarded(spark, sides[name], args.their_timeout_s, failed)
-                if done is not None:
-                    runs[name].append(done)
-                    break
-            else:
-                raise RuntimeError("TorchDistributor failed 3 times in a row")
+            runs[name].append(sides[name]())
         for name, done in runs.items():
             print(f"{name} end to end: {done[-1][0]:.1f} s, val/accuracy {done[-1][1]:.4f}")
     spark.stop()
